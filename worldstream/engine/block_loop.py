@@ -1,0 +1,98 @@
+"""The few-step causal block loop: one block of latent frames = S denoising calls + one cache-update call.
+
+This is the single core that every front-end (batch, streaming service, golden checker) runs. Positions are
+Python ints; timesteps and sigmas are host floats computed once; every device tensor the loop needs per step
+is prepared before the first block, so the loop itself never waits on the device.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch.profiler import record_function
+
+from ..models.causal_wan import CausalWanModel
+from ..models.kv_cache import DiTCaches
+from .scheduler import FlowMatchSchedule, flow_to_x0, renoise
+
+Observer = Callable[[str, torch.Tensor], None]
+
+
+class NoiseSource(Protocol):
+    def __call__(self, like: torch.Tensor) -> torch.Tensor: ...
+
+
+class GaussianNoise:
+    """Per-session seeded N(0, 1) draws on the session's device (reproducible, independent of other sessions)."""
+
+    def __init__(self, seed: int, device: torch.device | str):
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+
+class BlockDenoiser:
+    """Runs blocks of one session through the DiT, owning the session's DiT caches."""
+
+    def __init__(self, model: CausalWanModel, visual_context: torch.Tensor, latent_shape: tuple[int, int, int],
+                 timesteps: list[float], schedule: FlowMatchSchedule, context_noise: float, noise: NoiseSource,
+                 frames_per_block: int = 3):
+        param = next(model.parameters())
+        self.model = model
+        self.device, self.dtype = param.device, param.dtype
+        self.frames_per_block = frames_per_block
+        channels, height, width = latent_shape
+        self.block_shape = (visual_context.shape[0], channels, frames_per_block, height, width)
+        pt, ph, pw = model.cfg.patch_size
+        tokens_per_frame = (height // ph) * (width // pw)
+        self.caches: DiTCaches = model.new_caches(visual_context.shape[0], tokens_per_frame, self.device, self.dtype)
+        model.set_context(self.caches, visual_context.to(self.device, self.dtype))
+        self.noise = noise
+        self.timesteps = timesteps
+        self.sigmas = [schedule.sigma(t) for t in timesteps]
+        batch = self.block_shape[0]
+        self.step_t = [torch.full((batch, frames_per_block), t, device=self.device, dtype=torch.float32)
+                       for t in timesteps]
+        self.context_t = torch.full((batch, frames_per_block), float(context_noise), device=self.device,
+                                    dtype=torch.float32)
+        self.context_sigma = schedule.sigma(float(context_noise)) if context_noise else 0.0
+        self._template = torch.empty(self.block_shape, device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def denoise(self, block_index: int, cond_concat: torch.Tensor, keyboard_rows: torch.Tensor | None,
+                mouse_rows: torch.Tensor | None, observe: Observer | None = None) -> torch.Tensor:
+        """Generate the latents [B, 16, n, h, w] of block `block_index` and update the caches with them."""
+        start = block_index * self.frames_per_block
+        cond = cond_concat.to(self.device, self.dtype)
+        kb = keyboard_rows.to(self.device) if keyboard_rows is not None else None
+        mouse = mouse_rows.to(self.device) if mouse_rows is not None else None
+
+        def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model(x, t, cond, self.caches, start, kb, mouse)
+
+        x = self.noise(self._template)
+        x0 = x
+        for step, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas)):
+            with record_function(f"denoise_step_{step}_t{t:.1f}"):
+                flow = call(x, self.step_t[step])
+                x0 = flow_to_x0(x, flow, sigma)
+            if observe is not None:
+                observe(f"step{step}.noisy_input", x)
+                observe(f"step{step}.flow_pred", flow)
+                observe(f"step{step}.x0_pred", x0)
+            if step + 1 < len(self.timesteps):
+                x = renoise(x0, self.noise(x0), self.sigmas[step + 1])
+
+        with record_function("cache_update"):
+            # Re-run the clean block at t = context_noise so that the caches hold clean keys/values.
+            context_input = renoise(x0, self.noise(x0), self.context_sigma) if self.context_sigma else x0
+            context_flow = call(context_input, self.context_t)
+        if observe is not None:
+            observe("context.flow_pred", context_flow)
+            observe("denoised", x0)
+        return x0
+
+    def release(self) -> None:
+        self.caches.release()

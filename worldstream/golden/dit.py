@@ -1,0 +1,85 @@
+"""Golden checks of the Matrix-Game-2 causal DiT block loop (`mg2_dit_blocks`, `mg2_gta_drive`, `mg2_templerun`).
+
+The file's stored noise draws are replayed through the production block loop; every per-step flow and x0
+prediction, the cache-update pass and the block results are compared.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..actions import ActionTrack
+from ..engine.block_loop import BlockDenoiser
+from ..engine.scheduler import FlowMatchSchedule
+from ..models.causal_wan import ActionConfig, CausalWanModel, DiTConfig
+from ..models.checkpoints import load_strict
+
+Pairs = list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+class ReplayNoise:
+    """Hands out the noise tensors the reference drew, in the order the block loop asks for them."""
+
+    def __init__(self, draws: list[torch.Tensor]):
+        self.draws = list(draws)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        draw = self.draws.pop(0)
+        if draw.shape != like.shape:
+            raise ValueError(f"replayed noise has shape {list(draw.shape)}, the loop asked for {list(like.shape)}")
+        return draw
+
+
+def dit_config_from_reference(model_config: dict, clip_dim: int) -> DiTConfig:
+    """Build our config from a reference `config.json` dict (as stored in the golden metadata)."""
+    action = model_config.get("action_config")
+    return DiTConfig(
+        dim=model_config["dim"], ffn_dim=model_config["ffn_dim"], freq_dim=model_config["freq_dim"],
+        in_dim=model_config["in_dim"], out_dim=model_config["out_dim"], num_heads=model_config["num_heads"],
+        num_layers=model_config["num_layers"], eps=model_config["eps"], clip_dim=clip_dim,
+        local_attn_size=model_config["local_attn_size"], sink_size=model_config.get("sink_size", 0),
+        action=ActionConfig(**action) if action else None)
+
+
+def check_mg2_blocks(t: dict[str, torch.Tensor], meta: dict) -> Pairs:
+    pipe = meta["pipeline"]
+    model = CausalWanModel(dit_config_from_reference(meta["model_config"], pipe["clip_dim"]))
+    load_strict(model, {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}, "golden model.*")
+    model.eval()
+
+    schedule = FlowMatchSchedule(shift=pipe["timestep_shift"])
+    timesteps = schedule.warp(pipe["denoising_step_list"]) if pipe["warp_denoising_step"] \
+        else [float(s) for s in pipe["denoising_step_list"]]
+    blocks, steps = pipe["num_blocks"], len(timesteps)
+    draws = []
+    for b in range(blocks):
+        draws.append(t[f"block{b}.noise"])
+        draws += [t[f"block{b}.step{s}.renoise"] for s in range(steps - 1)]
+    noise = t["input.noise"]
+    denoiser = BlockDenoiser(model, t["input.visual_context"], (noise.shape[1], noise.shape[3], noise.shape[4]),
+                             timesteps, schedule, pipe["context_noise"], ReplayNoise(draws),
+                             pipe["num_frame_per_block"])
+
+    last = blocks - 1
+    mouse = t.get(f"block{last}.mouse_cond")
+    track = ActionTrack.from_full(t[f"block{last}.keyboard_cond"][0], mouse[0] if mouse is not None else None)
+
+    pairs: Pairs = [("schedule.denoising_step_list", torch.tensor(timesteps), t["schedule.denoising_step_list"]),
+                    ("schedule.sigmas", schedule.sigmas, t["schedule.sigmas"]),
+                    ("schedule.timesteps", schedule.timesteps, t["schedule.timesteps"])]
+    outputs = []
+    for b in range(blocks):
+        recorded: dict[str, torch.Tensor] = {}
+        kb_rows, mouse_rows = track.window_rows(b)
+        latents = denoiser.denoise(b, t[f"block{b}.cond_concat"], kb_rows[None],
+                                   mouse_rows[None] if mouse_rows is not None else None,
+                                   observe=lambda name, x: recorded.__setitem__(name, x))
+        for name, value in recorded.items():
+            if name.endswith("noisy_input") and name.startswith("step0"):
+                continue  # the replayed noise itself
+            pairs.append((f"block{b}.{name}", value, t[f"block{b}.{name}"]))
+        outputs.append(latents)
+    pairs.append(("output.latents", torch.cat(outputs, dim=2), t["output.latents"]))
+    return pairs
+
+
+CHECKS = {"mg2_dit_blocks": check_mg2_blocks, "mg2_gta_drive": check_mg2_blocks, "mg2_templerun": check_mg2_blocks}

@@ -1,0 +1,267 @@
+"""Causal Wan2.1 DiT as Matrix-Game-2 uses it (`CausalWanModel`, i2v, KV-cached block-wise inference).
+
+Parameter names and module nesting follow the published checkpoints (which prefix every key with `model.`).
+One call processes one block of latent frames: input [B, 16, n, h, w] plus its conditioning, output the
+flow (velocity) prediction of the same shape. State between calls lives in `DiTCaches`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .action_module import ActionModule
+from .kv_cache import DiTCaches, LayerCaches, RollingKVCache
+from .rope import apply_rope, rope_angles
+
+ROPE_MAX_FRAMES = 1024  # the reference's temporal RoPE table: latent frames 0..1023
+
+
+@dataclass
+class ActionConfig:
+    blocks: list[int] = field(default_factory=lambda: list(range(15)))
+    enable_keyboard: bool = True
+    enable_mouse: bool = True
+    heads_num: int = 16
+    hidden_size: int = 128
+    img_hidden_size: int = 1536
+    keyboard_dim_in: int = 4
+    keyboard_hidden_dim: int = 1024
+    mouse_dim_in: int = 2
+    mouse_hidden_dim: int = 1024
+    mouse_qk_dim_list: list[int] = field(default_factory=lambda: [8, 28, 28])
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    rope_dim_list: list[int] = field(default_factory=lambda: [8, 28, 28])
+    rope_theta: float = 256.0
+    vae_time_compression_ratio: int = 4
+    windows_size: int = 3
+
+
+@dataclass
+class DiTConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    in_dim: int = 36
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    eps: float = 1e-6
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    clip_dim: int = 1280
+    local_attn_size: int = 6
+    sink_size: int = 0
+    action: ActionConfig | None = field(default_factory=ActionConfig)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, D] layout in and out; softmax scale 1/sqrt(D), no mask."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, cache: RollingKVCache,
+                start_frame: int) -> torch.Tensor:
+        heads = (self.num_heads, self.head_dim)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope_cos, rope_sin)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope_cos, rope_sin)
+        v = self.v(x).unflatten(-1, heads)
+        k_all, v_all = cache.update(k, v, start_frame)  # keys are cached after RoPE, at absolute positions
+        return self.o(attention(q, k_all, v_all).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = (self.num_heads, self.head_dim)
+        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class CausalWanBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, with_action: bool):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.action_model = ActionModule(**vars(cfg.action)) if with_action else None
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, frames: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                caches: LayerCaches, start_frame: int, keyboard_rows: torch.Tensor | None,
+                mouse_rows: torch.Tensor | None) -> torch.Tensor:
+        # e: [B, n, 6, dim] per-frame modulation; each vector is broadcast over its frame's tokens.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.unsqueeze(1) + e).unbind(2)
+
+        def per_frame(t: torch.Tensor, fn) -> torch.Tensor:
+            return fn(t.unflatten(1, (frames, -1))).flatten(1, 2)
+
+        y = per_frame(self.norm1(x), lambda t: t * (1 + scale_msa[:, :, None]) + shift_msa[:, :, None])
+        y = self.self_attn(y, rope_cos, rope_sin, caches.self_attn, start_frame)
+        x = x + per_frame(y, lambda t: t * gate_msa[:, :, None])
+        x = x + self.cross_attn(self.norm3(x), caches.cross_k, caches.cross_v)
+        if self.action_model is not None:
+            x = self.action_model(x, frames, x.shape[1] // frames, start_frame, caches, keyboard_rows, mouse_rows)
+        y = per_frame(self.norm2(x), lambda t: t * (1 + scale_mlp[:, :, None]) + shift_mlp[:, :, None])
+        y = self.ffn(y)
+        return x + per_frame(y, lambda t: t * gate_mlp[:, :, None])
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, frames: int) -> torch.Tensor:
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # e: [B, n, dim]
+        y = self.norm(x).unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]
+        return self.head(y.flatten(1, 2))
+
+
+class MLPProj(nn.Module):
+    """CLIP image tokens -> DiT width (`img_emb`)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(LayerNorm(in_dim, eps=1e-5), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), LayerNorm(out_dim, eps=1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """[cos | sin] of position * 10000^(-i / (dim/2)), in float64 as the reference."""
+    half = dim // 2
+    p = position.to(torch.float64)
+    angles = torch.outer(p, torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=p.device) / half))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class CausalWanModel(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.sink_size != 0:
+            raise ValueError("sink_size > 0 is not supported yet")
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.img_emb = MLPProj(cfg.clip_dim, dim)
+        action_layers = set(cfg.action.blocks) if cfg.action is not None else set()
+        self.blocks = nn.ModuleList(CausalWanBlock(cfg, i in action_layers) for i in range(cfg.num_layers))
+        self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
+
+        # RoPE split of each head: temporal gets d - 4*(d//6) dims, height and width 2*(d//6) each.
+        d = dim // cfg.num_heads
+        axis_dims = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+        angles = [rope_angles(ROPE_MAX_FRAMES, a, 10000.0) for a in axis_dims]
+        for name, a in zip(("t", "h", "w"), angles):
+            self.register_buffer(f"rope_cos_{name}", a.cos().float(), persistent=False)
+            self.register_buffer(f"rope_sin_{name}", a.sin().float(), persistent=False)
+
+    # -- session state -------------------------------------------------------------------------------------------
+    def new_caches(self, batch: int, tokens_per_frame: int, device, dtype) -> DiTCaches:
+        cfg = self.cfg
+        window = cfg.local_attn_size
+        head_dim = cfg.dim // cfg.num_heads
+        caches = DiTCaches()
+        for block in self.blocks:
+            layer = LayerCaches(RollingKVCache(batch, window, tokens_per_frame, cfg.num_heads, head_dim, device, dtype))
+            if block.action_model is not None:
+                for name, cache in block.action_model.new_caches(batch, tokens_per_frame, window, device, dtype).items():
+                    setattr(layer, name, cache)
+            caches.layers.append(layer)
+        return caches
+
+    def set_context(self, caches: DiTCaches, visual_context: torch.Tensor) -> None:
+        """Project the CLIP tokens once per session and cache every layer's cross-attention keys/values."""
+        context = self.img_emb(visual_context)
+        for block, layer in zip(self.blocks, caches.layers):
+            layer.cross_k, layer.cross_v = block.cross_attn.context_kv(context)
+
+    # -- one block --------------------------------------------------------------------------------------------------
+    def _rope(self, frames: int, h: int, w: int, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def grid(table_t, table_h, table_w):
+            t = table_t[start_frame:start_frame + frames, None, None, :].expand(frames, h, w, -1)
+            hh = table_h[None, :h, None, :].expand(frames, h, w, -1)
+            ww = table_w[None, None, :w, :].expand(frames, h, w, -1)
+            return torch.cat([t, hh, ww], dim=-1).reshape(frames * h * w, 1, -1)  # [L, 1 (heads), D/2]
+
+        return (grid(self.rope_cos_t, self.rope_cos_h, self.rope_cos_w),
+                grid(self.rope_sin_t, self.rope_sin_h, self.rope_sin_w))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond_concat: torch.Tensor, caches: DiTCaches,
+                start_frame: int, keyboard_rows: torch.Tensor | None = None,
+                mouse_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, 16, n, H, W] noisy latents, timestep [B, n] (float), cond_concat [B, 20, n, H, W];
+        keyboard_rows/mouse_rows [B, 4n+8, K] the action rows this block's windows read. Returns the flow."""
+        b, _, frames, height, width = x.shape
+        if start_frame + frames > ROPE_MAX_FRAMES:
+            raise ValueError(f"latent frame {start_frame + frames - 1} is past the RoPE table ({ROPE_MAX_FRAMES})")
+        pt, ph, pw = self.cfg.patch_size
+        tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1).to(self.patch_embedding.weight.dtype))
+        gh, gw = tokens.shape[3], tokens.shape[4]
+        tokens = tokens.flatten(2).transpose(1, 2)  # [B, n*gh*gw, dim], frame-major
+
+        e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, timestep.flatten()).to(tokens.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, (b, frames))  # [B, n, 6, dim]
+        rope_cos, rope_sin = self._rope(frames, gh, gw, start_frame)
+
+        for block, layer in zip(self.blocks, caches.layers):
+            tokens = block(tokens, e0, frames, rope_cos, rope_sin, layer, start_frame, keyboard_rows, mouse_rows)
+
+        out = self.head(tokens, e.unflatten(0, (b, frames)), frames)  # [B, L, pt*ph*pw*C]
+        out = out.reshape(b, frames, gh, gw, pt, ph, pw, self.cfg.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.cfg.out_dim, frames * pt, gh * ph, gw * pw)

@@ -1,0 +1,81 @@
+"""Preallocated rolling KV caches for causal, block-wise generation.
+
+Every cache keeps the last `window` latent frames of keys/values in a ring buffer: frame f lives in slot
+f % window. The reference shifts its buffers left when a new block does not fit; because attention over the
+cache is unmasked, the order of the slots does not matter, so a ring buffer gives the same result without
+copies. Positions are plain Python ints owned by the caller: no index ever lives on the device, so updating
+a cache never synchronises with the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RollingKVCache:
+    """Keys/values of the last `window` frames, `tokens_per_frame` entries per frame along dim 1.
+
+    Layout [batch, window * tokens_per_frame, heads, head_dim] serves the self-attention cache (tokens = the
+    frame's patches), the mouse cache (batch = batch * patches, one entry per frame) and the keyboard cache.
+    """
+
+    def __init__(self, batch: int, window: int, tokens_per_frame: int, heads: int, head_dim: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        self.window = window
+        self.tokens_per_frame = tokens_per_frame
+        shape = (batch, window * tokens_per_frame, heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the frames [start_frame, start_frame + n) and return the valid part of the cache.
+
+        Writing the same frames again (the denoising steps and the cache-update pass of one block) overwrites
+        their slots in place, exactly as the reference does.
+        """
+        t = self.tokens_per_frame
+        n = k.shape[1] // t
+        if n > self.window:
+            raise ValueError(f"a call of {n} frames does not fit a cache window of {self.window} frames")
+        first = start_frame % self.window
+        head = min(n, self.window - first)
+        self.k[:, first * t:(first + head) * t] = k[:, :head * t]
+        self.v[:, first * t:(first + head) * t] = v[:, :head * t]
+        if head < n:  # wrap around to the start of the ring
+            self.k[:, :(n - head) * t] = k[:, head * t:]
+            self.v[:, :(n - head) * t] = v[:, head * t:]
+        valid = min(start_frame + n, self.window) * t
+        return self.k[:, :valid], self.v[:, :valid]
+
+
+@dataclass
+class LayerCaches:
+    """Caches of one transformer layer."""
+
+    self_attn: RollingKVCache
+    cross_k: torch.Tensor | None = None  # [B, context_tokens, heads, head_dim], computed once per session
+    cross_v: torch.Tensor | None = None
+    mouse: RollingKVCache | None = None
+    keyboard: RollingKVCache | None = None
+
+
+@dataclass
+class DiTCaches:
+    """All device state of one generation session's DiT: one object, freed at once by `release()`."""
+
+    layers: list[LayerCaches] = field(default_factory=list)
+
+    def release(self) -> None:
+        self.layers.clear()
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            for cache in (layer.self_attn, layer.mouse, layer.keyboard):
+                if cache is not None:
+                    total += cache.k.nbytes + cache.v.nbytes
+            for t in (layer.cross_k, layer.cross_v):
+                if t is not None:
+                    total += t.nbytes
+        return total
