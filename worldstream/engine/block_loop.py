@@ -62,8 +62,11 @@ class BlockDenoiser:
 
     @torch.no_grad()
     def denoise(self, block_index: int, cond_concat: torch.Tensor, keyboard_rows: torch.Tensor | None,
-                mouse_rows: torch.Tensor | None, observe: Observer | None = None) -> torch.Tensor:
-        """Generate the latents [B, 16, n, h, w] of block `block_index` and update the caches with them."""
+                mouse_rows: torch.Tensor | None, observe: Observer | None = None, clock=None) -> torch.Tensor:
+        """Generate the latents [B, 16, n, h, w] of block `block_index` and update the caches with them.
+
+        `observe(name, tensor)` sees every intermediate (golden checks); `clock.mark(stage)` times the stages.
+        """
         start = block_index * self.frames_per_block
         cond = cond_concat.to(self.device, self.dtype)
         kb = keyboard_rows.to(self.device) if keyboard_rows is not None else None
@@ -85,10 +88,14 @@ class BlockDenoiser:
             if step + 1 < len(self.timesteps):
                 x = renoise(x0, self.noise(x0), self.sigmas[step + 1])
 
+        if clock is not None:
+            clock.mark("denoise")
         with record_function("cache_update"):
             # Re-run the clean block at t = context_noise so that the caches hold clean keys/values.
             context_input = renoise(x0, self.noise(x0), self.context_sigma) if self.context_sigma else x0
             context_flow = call(context_input, self.context_t)
+        if clock is not None:
+            clock.mark("cache_update")
         if observe is not None:
             observe("context.flow_pred", context_flow)
             observe("denoised", x0)

@@ -1,6 +1,7 @@
 """Model/mode configurations: omegaconf YAML files under `configs/`.
 
-A file may name a parent with `inherit: <path relative to itself>`; the child is merged over it. Configs are
+A file may name parents with `inherit: <path>` or `inherit: [<path>, ...]` (relative to itself); they are
+merged in order and the file itself last. Configs are
 addressed by name (`mg2/universal_tiny`, resolved under the repository's `configs/` folder) or by path.
 """
 from __future__ import annotations
@@ -26,10 +27,10 @@ def config_path(name_or_path: str) -> Path:
 
 def _load_file(path: Path) -> DictConfig:
     cfg = OmegaConf.load(path)
-    parent = cfg.pop("inherit", None)
-    if parent is None:
-        return cfg
-    return OmegaConf.merge(_load_file((path.parent / parent).resolve()), cfg)
+    parents = cfg.pop("inherit", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    return OmegaConf.merge(*(_load_file((path.parent / p).resolve()) for p in parents), cfg)
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -68,15 +68,17 @@ def init_random_(module: nn.Module, seed: int) -> None:
     those paths, so: >=2-D weights ~ N(0, 1/fan_in), biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0, 0.1^2),
     modulation tables and embeddings ~ N(0, 1)/sqrt(width).
     """
-    gen = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}  # drawn where the weights live (fast at full size)
     for name, p in module.named_parameters():
+        if p.device not in generators:
+            generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        noise = torch.randn(p.shape, generator=generators[p.device], device=p.device, dtype=torch.float32)
         leaf = name.rsplit(".", 1)[-1]
         if leaf in ("modulation", "cls_embedding", "pos_embedding", "head") and p.dim() >= 2:
-            value = torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1])
+            p.copy_(noise / math.sqrt(p.shape[-1]))
         elif leaf == "gamma" or (p.dim() == 1 and leaf == "weight"):
-            value = 1 + 0.1 * torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise)
         elif p.dim() == 1:
-            value = 0.05 * torch.randn(p.shape, generator=gen)
+            p.copy_(0.05 * noise)
         else:
-            value = torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel())
-        p.copy_(value.to(p.dtype))
+            p.copy_(noise / math.sqrt(p[0].numel()))

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("WORLDSTREAM_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden_files() -> list[Path]:
+    return sorted(GOLDEN_DIR.glob("*.safetensors"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,69 @@
+"""Image-to-video conditioning of Matrix-Game-2 (encoder-service side): the first image -> `cond_concat`.
+
+The reference VAE-encodes [image, 4·(T−1) zero frames] for the whole session up front. The Wan encoder is
+causal and chunked (1 frame, then 4), so encoding the same frames block by block through one persistent
+`VAEEncodeStream` yields exactly the same latents — only ever one block ahead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.wan_vae import VAEEncodeStream, WanVAEEncoder
+
+MASK_CHANNELS = 4  # cond_concat = [mask (1 on the image's latent frame), normalised latent]
+
+
+def preprocess_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL image -> [1, 3, height, width] float32 in [-1, 1], as the reference `inference.py` prepares it.
+
+    Center crop to the aspect width:height without scaling (float box, rounded by PIL), bilinear resize with
+    PIL (what torchvision's Resize(antialias=True) does on a PIL image), ToTensor, Normalize(0.5, 0.5).
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    if h / w > height / width:
+        crop_w, crop_h = w, int(w * height / width)
+    else:
+        crop_w, crop_h = int(h * width / height), h
+    image = image.crop(((w - crop_w) / 2, (h - crop_h) / 2, (w + crop_w) / 2, (h + crop_h) / 2))
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return ((pixels - 0.5) / 0.5)[None]
+
+
+class CondConcatStream:
+    """One session's `cond_concat`, block after block: [1, 20, frames_per_block, H/8, W/8].
+
+    Block 0 encodes [image, 4·(frames_per_block−1) zero frames]; every later block the next
+    4·frames_per_block zero frames (zeros = mid-grey in [-1, 1]), continuing the same causal encode.
+    """
+
+    def __init__(self, encoder: WanVAEEncoder, image: torch.Tensor, frames_per_block: int = 3):
+        if image.dim() != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"expected an image [1, 3, H, W], got {list(image.shape)}")
+        self._stream = VAEEncodeStream(encoder)
+        self._image: torch.Tensor | None = image
+        self._zero_frames = image.new_zeros(1, 3, 4 * frames_per_block, *image.shape[2:])
+        self._block_index = 0
+
+    @property
+    def block_index(self) -> int:
+        """Index of the block the next `next_block` call returns."""
+        return self._block_index
+
+    @torch.inference_mode()
+    def next_block(self) -> torch.Tensor:
+        if self._image is not None:
+            video = torch.cat([self._image[:, :, None], self._zero_frames[:, :, 4:]], 2)
+            self._image = None  # only block 0 sees the image; the causal caches carry it afterwards
+        else:
+            video = self._zero_frames
+        latents = self._stream.encode(video)
+        mask = torch.zeros_like(latents[:, :MASK_CHANNELS])
+        if self._block_index == 0:
+            mask[:, :, 0] = 1.0
+        self._block_index += 1
+        return torch.cat([mask, latents], 1)

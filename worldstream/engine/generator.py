@@ -1,0 +1,156 @@
+"""Decoder side of a world model: the causal DiT, its per-session caches, the block loop and streaming VAE decode.
+
+`DecoderModels` is built once per process; `GenerationSession` is one user's stream. Batch and streaming
+front-ends both call `GenerationSession.run_block` block after block: one core, two front-ends.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+from torch.profiler import record_function
+
+from ..actions import ACTION_SPACES, ActionSpace, ActionTrack, BlockAction
+from ..models.wan_vae import VAEDecodeStream, WanVAEDecoder, split_vae_state_dict
+from .block_loop import BlockDenoiser, GaussianNoise, NoiseSource
+from .builders import build_dit, building, load_weights, resolve_device, resolve_dtype
+from .scheduler import FlowMatchSchedule
+
+
+@dataclass
+class BlockOutput:
+    index: int
+    frames: torch.Tensor  # uint8 [T, H, W, 3] on the CPU
+    latents: torch.Tensor  # [1, 16, n, h, w] on the model's device
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class StageClock:
+    """Stage durations without host syncs: CUDA events on a GPU (read once the block is on the host)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def durations(self) -> dict[str, float]:
+        out = {}
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
+            out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+        return out
+
+
+def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video [1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the same device.
+
+    Same conversion as the reference drivers: ((x + 1) * 127.5) clipped to [0, 255], then truncated.
+    """
+    return ((video[0].float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0)
+
+
+def build_vae_decoder(cfg: DictConfig) -> WanVAEDecoder:
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.vae_decoder_dtype)
+    with building(device, dtype):
+        decoder = WanVAEDecoder(**cfg.vae)
+    return load_weights(decoder, cfg, cfg.checkpoints.vae, select=lambda sd: split_vae_state_dict(sd)[1],
+                        seed_offset=2).eval()
+
+
+class DecoderModels:
+    """Everything a decoder process loads once: DiT + VAE decoder + the schedule of the mode."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.mode = str(cfg.mode)
+        self.device = resolve_device(cfg.device)
+        self.action_space: ActionSpace = ACTION_SPACES[self.mode]
+        self.dit = build_dit(cfg)
+        self.vae = build_vae_decoder(cfg)
+        pipe = cfg.pipeline
+        self.schedule = FlowMatchSchedule(shift=float(pipe.timestep_shift))
+        steps = list(pipe.denoising_step_list)
+        self.timesteps = self.schedule.warp(steps) if pipe.warp_denoising_step else [float(s) for s in steps]
+        self.frames_per_block = int(pipe.frames_per_block)
+        self.latent_shape = (int(cfg.dit.out_dim), int(cfg.video.height) // 8, int(cfg.video.width) // 8)
+        self.max_blocks = int(cfg.limits.max_blocks)
+
+    @classmethod
+    def build(cls, cfg: DictConfig) -> "DecoderModels":
+        return cls(cfg)
+
+    def open_session(self, visual_context: torch.Tensor, seed: int, max_blocks: int,
+                     noise: NoiseSource | None = None) -> "GenerationSession":
+        if not 1 <= max_blocks <= self.max_blocks:
+            raise ValueError(f"max_blocks must be in [1, {self.max_blocks}] for this config, got {max_blocks}")
+        return GenerationSession(self, visual_context, seed, max_blocks, noise)
+
+
+class GenerationSession:
+    def __init__(self, models: DecoderModels, visual_context: torch.Tensor, seed: int, max_blocks: int,
+                 noise: NoiseSource | None = None):
+        self.models = models
+        self.max_blocks = max_blocks
+        self.block_index = 0
+        device = models.device
+        self.track = ActionTrack.for_space(models.action_space, max_blocks, device=device)
+        self.denoiser = BlockDenoiser(models.dit, visual_context, models.latent_shape, models.timesteps,
+                                      models.schedule, float(models.cfg.pipeline.context_noise),
+                                      noise or GaussianNoise(seed, device), models.frames_per_block)
+        self.vae = VAEDecodeStream(models.vae)
+        self.closed = False
+
+    @staticmethod
+    def pixel_frames(block_index: int) -> int:
+        return 9 if block_index == 0 else 12
+
+    @property
+    def finished(self) -> bool:
+        return self.block_index >= self.max_blocks
+
+    def generate(self, cond_concat: torch.Tensor, action: BlockAction,
+                 clock: StageClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device work of one block, free of host syncs: (latents [1,16,n,h,w], video [1,3,T,H,W] in [-1, 1])."""
+        if self.closed:
+            raise RuntimeError("session is closed")
+        if self.finished:
+            raise IndexError(f"session already produced its {self.max_blocks} blocks")
+        b = self.block_index
+        with record_function(f"block_{b}"):
+            with record_function("data_preparation"):
+                self.track.write_block(b, action)
+                keyboard, mouse = self.track.window_rows(b)
+            if clock:
+                clock.mark("start")
+            latents = self.denoiser.denoise(b, cond_concat, keyboard[None], None if mouse is None else mouse[None],
+                                            clock=clock)
+            with record_function("vae_decode"):
+                video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
+            if clock:
+                clock.mark("vae_decode")
+        self.block_index += 1
+        return latents, video
+
+    def run_block(self, cond_concat: torch.Tensor, action: BlockAction) -> BlockOutput:
+        clock = StageClock(self.models.device)
+        index = self.block_index
+        latents, video = self.generate(cond_concat, action, clock)
+        with record_function("to_host"):
+            frames = video_to_uint8(video).cpu()  # the block's one sync: its frames are the output
+        clock.mark("to_host")
+        return BlockOutput(index, frames, latents, clock.durations())
+
+    def close(self) -> None:
+        """Free the session's device state (caches, decoder cache) at once; idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.denoiser.release()
+            self.vae = None
