@@ -16,7 +16,7 @@ def test_block_loop_runs_without_host_sync():
     encoder, decoder = EncoderModels.build(cfg), DecoderModels.build(cfg)
     conditioning = encoder.open_session(Image.new("RGB", (176, 96), (120, 90, 60)))
     session = decoder.open_session(conditioning.visual_context, seed=0, max_blocks=6)
-    conds = [conditioning.next_block() for _ in range(6)]
+    conds = [conditioning.next_block().cpu() for _ in range(6)]  # as received from the encoder service
     action = decoder.action_space.from_names(["forward"], [0.0, 0.1])
     for b in range(2):
         session.generate(conds[b], action)

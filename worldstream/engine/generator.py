@@ -101,7 +101,7 @@ class GenerationSession:
         self.max_blocks = max_blocks
         self.block_index = 0
         device = models.device
-        self.track = ActionTrack.for_space(models.action_space, max_blocks, device=device)
+        self.track = ActionTrack.for_space(models.action_space, max_blocks)  # host memory: actions arrive there
         self.denoiser = BlockDenoiser(models.dit, visual_context, models.latent_shape, models.timesteps,
                                       models.schedule, float(models.cfg.pipeline.context_noise),
                                       noise or GaussianNoise(seed, device), models.frames_per_block)
@@ -127,17 +127,27 @@ class GenerationSession:
         with record_function(f"block_{b}"):
             with record_function("data_preparation"):
                 self.track.write_block(b, action)
-                keyboard, mouse = self.track.window_rows(b)
-            if clock:
+                keyboard, mouse = (self._to_device(rows) for rows in self.track.window_rows(b))
+                cond_concat = self._to_device(cond_concat)
+            if clock is not None:
                 clock.mark("start")
             latents = self.denoiser.denoise(b, cond_concat, keyboard[None], None if mouse is None else mouse[None],
                                             clock=clock)
             with record_function("vae_decode"):
                 video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
-            if clock:
+            if clock is not None:
                 clock.mark("vae_decode")
         self.block_index += 1
         return latents, video
+
+    def _to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """Move host inputs to the model's device through pinned memory: an asynchronous copy (a copy from
+        pageable memory would synchronise). Each block stages its own pinned buffer, so no copy races a write."""
+        if tensor is None or tensor.device == self.models.device:
+            return tensor
+        if self.models.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(self.models.device, non_blocking=True)
+        return tensor.to(self.models.device)
 
     def run_block(self, cond_concat: torch.Tensor, action: BlockAction) -> BlockOutput:
         clock = StageClock(self.models.device)
