@@ -74,4 +74,10 @@ def build_dit(cfg: DictConfig) -> CausalWanModel:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     with building(device, dtype):
         model = CausalWanModel(dit_config(cfg))
-    return load_weights(model, cfg, cfg.checkpoints.dit, prefix="model.", seed_offset=1).eval()
+    model = load_weights(model, cfg, cfg.checkpoints.dit, prefix="model.", seed_offset=1).eval()
+    if cfg.compile:
+        # Per layer, in place (state-dict keys unchanged). All layers share one compiled code object; static
+        # shapes give one graph per (action module or not) x ring phase: six in a session, all made at warm-up.
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    return model

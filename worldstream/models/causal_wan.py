@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .action_module import ActionModule
-from .kv_cache import DiTCaches, LayerCaches, RollingKVCache
+from .kv_cache import DiTCaches, LayerCaches, RingSlots, RollingKVCache
 from .rope import apply_rope, rope_angles
 
 ROPE_MAX_FRAMES = 1024  # the reference's temporal RoPE table: latent frames 0..1023
@@ -95,12 +95,12 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, cache: RollingKVCache,
-                start_frame: int) -> torch.Tensor:
+                slots: RingSlots) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope_cos, rope_sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope_cos, rope_sin)
         v = self.v(x).unflatten(-1, heads)
-        k_all, v_all = cache.update(k, v, start_frame)  # keys are cached after RoPE, at absolute positions
+        k_all, v_all = cache.update(k, v, slots)  # keys are cached after RoPE, at absolute positions
         return self.o(attention(q, k_all, v_all).flatten(2))
 
 
@@ -135,21 +135,24 @@ class CausalWanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
         self.action_model = ActionModule(**vars(cfg.action)) if with_action else None
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, frames: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
-                caches: LayerCaches, start_frame: int, keyboard_rows: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, e: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                caches: LayerCaches, slots: RingSlots, frame_index: torch.Tensor, keyboard_rows: torch.Tensor | None,
                 mouse_rows: torch.Tensor | None) -> torch.Tensor:
         # e: [B, n, 6, dim] per-frame modulation; each vector is broadcast over its frame's tokens.
+        # Positions arrive as tensors (rope_*, frame_index) and `slots`, never as the absolute start frame, so
+        # that a compiled block specialises on the three ring phases of a session only.
+        frames = slots.frames
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.unsqueeze(1) + e).unbind(2)
 
         def per_frame(t: torch.Tensor, fn) -> torch.Tensor:
             return fn(t.unflatten(1, (frames, -1))).flatten(1, 2)
 
         y = per_frame(self.norm1(x), lambda t: t * (1 + scale_msa[:, :, None]) + shift_msa[:, :, None])
-        y = self.self_attn(y, rope_cos, rope_sin, caches.self_attn, start_frame)
+        y = self.self_attn(y, rope_cos, rope_sin, caches.self_attn, slots)
         x = x + per_frame(y, lambda t: t * gate_msa[:, :, None])
         x = x + self.cross_attn(self.norm3(x), caches.cross_k, caches.cross_v)
         if self.action_model is not None:
-            x = self.action_model(x, frames, x.shape[1] // frames, start_frame, caches, keyboard_rows, mouse_rows)
+            x = self.action_model(x, x.shape[1] // frames, slots, frame_index, caches, keyboard_rows, mouse_rows)
         y = per_frame(self.norm2(x), lambda t: t * (1 + scale_mlp[:, :, None]) + shift_mlp[:, :, None])
         y = self.ffn(y)
         return x + per_frame(y, lambda t: t * gate_mlp[:, :, None])
@@ -258,9 +261,11 @@ class CausalWanModel(nn.Module):
         e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, timestep.flatten()).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, (b, frames))  # [B, n, 6, dim]
         rope_cos, rope_sin = self._rope(frames, gh, gw, start_frame)
+        slots = RingSlots.of(start_frame, frames, self.cfg.local_attn_size)
+        frame_index = torch.arange(start_frame, start_frame + frames, device=tokens.device)
 
         for block, layer in zip(self.blocks, caches.layers):
-            tokens = block(tokens, e0, frames, rope_cos, rope_sin, layer, start_frame, keyboard_rows, mouse_rows)
+            tokens = block(tokens, e0, rope_cos, rope_sin, layer, slots, frame_index, keyboard_rows, mouse_rows)
 
         out = self.head(tokens, e.unflatten(0, (b, frames)), frames)  # [B, L, pt*ph*pw*C]
         out = out.reshape(b, frames, gh, gw, pt, ph, pw, self.cfg.out_dim)

@@ -4,13 +4,30 @@ Every cache keeps the last `window` latent frames of keys/values in a ring buffe
 f % window. The reference shifts its buffers left when a new block does not fit; because attention over the
 cache is unmasked, the order of the slots does not matter, so a ring buffer gives the same result without
 copies. Positions are plain Python ints owned by the caller: no index ever lives on the device, so updating
-a cache never synchronises with the host.
+a cache never synchronises with the host. A call sees the ring only through its `RingSlots`, which take three
+values in a whole session (blocks of 3 frames, window 6), so compiled layers specialise on those and never on
+the ever-growing frame index.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class RingSlots:
+    """Where a call of `frames` latent frames lands in a ring of `window` frames."""
+
+    first: int  # slot of the call's first frame
+    frames: int
+    valid: int  # frames of the ring that hold data once the call is written
+
+    @classmethod
+    def of(cls, start_frame: int, frames: int, window: int) -> "RingSlots":
+        if frames > window:
+            raise ValueError(f"a call of {frames} frames does not fit a cache window of {window} frames")
+        return cls(start_frame % window, frames, min(start_frame + frames, window))
 
 
 class RollingKVCache:
@@ -28,25 +45,21 @@ class RollingKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the frames [start_frame, start_frame + n) and return the valid part of the cache.
+    def update(self, k: torch.Tensor, v: torch.Tensor, slots: RingSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the call's frames into their slots and return the valid part of the cache.
 
         Writing the same frames again (the denoising steps and the cache-update pass of one block) overwrites
         their slots in place, exactly as the reference does.
         """
         t = self.tokens_per_frame
-        n = k.shape[1] // t
-        if n > self.window:
-            raise ValueError(f"a call of {n} frames does not fit a cache window of {self.window} frames")
-        first = start_frame % self.window
+        first, n = slots.first, slots.frames
         head = min(n, self.window - first)
         self.k[:, first * t:(first + head) * t] = k[:, :head * t]
         self.v[:, first * t:(first + head) * t] = v[:, :head * t]
         if head < n:  # wrap around to the start of the ring
             self.k[:, :(n - head) * t] = k[:, head * t:]
             self.v[:, :(n - head) * t] = v[:, head * t:]
-        valid = min(start_frame + n, self.window) * t
-        return self.k[:, :valid], self.v[:, :valid]
+        return self.k[:, :slots.valid * t], self.v[:, :slots.valid * t]
 
 
 @dataclass
