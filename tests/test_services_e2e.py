@@ -1,0 +1,110 @@
+"""End to end: client -> decoder service -> encoder service, as real processes on loopback, tiny config."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import av
+import pytest
+import torch
+
+from service_harness import CONFIG, REPO, png_bytes, running_services
+from worldstream.actions import benchmark_trajectory, get_action_space, split_track
+from worldstream.client import SessionStream, run_session, start_request
+from worldstream.engine.config import load_config
+from worldstream.engine.encoder import EncoderModels
+from worldstream.engine.generator import DecoderModels
+from worldstream.media import load_image
+from worldstream.v1 import session_pb2
+
+SEED = 1234
+IMAGE = png_bytes(seed=7)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    with running_services(tmp_path_factory.mktemp("e2e"), decoder_args=["--max-sessions", "3"]) as running:
+        yield running
+
+
+def reference_actions(n_blocks: int):
+    """Per-frame benchmark rows for block 0 (exact replay), then a held key action, then a raw vector."""
+    space = get_action_space("universal")
+    keyboard, mouse = benchmark_trajectory("universal", 12 * n_blocks - 3, seed=3)
+    actions = split_track(keyboard, mouse)[:1]
+    actions.append(space.from_names(["forward", "left"], [0.0, 0.1]))
+    actions.append(space.from_vectors([0.0, 1.0, 0.0, 1.0], [-0.1, 0.0]))
+    return actions[:n_blocks]
+
+
+def batch_frames(actions) -> list[torch.Tensor]:
+    """What the engine produces in-process for the same config, image, seed and actions."""
+    cfg = load_config(CONFIG)
+    conditioning = EncoderModels.build(cfg).open_session(load_image(IMAGE))
+    session = DecoderModels.build(cfg).open_session(conditioning.visual_context, seed=SEED, max_blocks=len(actions))
+    try:
+        return [session.run_block(conditioning.next_block(), action).frames for action in actions]
+    finally:
+        session.close()
+
+
+def test_stream_equals_batch_engine(services):
+    actions = reference_actions(3)
+    result = run_session(services.address, IMAGE, "universal", actions, seed=SEED, frame_encoding="raw")
+    info = result.info
+    assert (info.mode, info.first_block_frames, info.block_frames, info.max_blocks) == ("universal", 9, 12, 3)
+    assert list(info.action_space.key_names) == ["forward", "back", "left", "right"]
+    assert result.end.reason == session_pb2.END_REASON_MAX_BLOCKS
+    assert [b.index for b in result.blocks] == [0, 1, 2]
+    assert [b.frames.shape[0] for b in result.blocks] == [9, 12, 12]
+    assert result.frames.shape == (33, info.height, info.width, 3)
+    for block, action in zip(result.blocks, actions):
+        assert torch.equal(block.action.keyboard.expand_as(action.keyboard), action.keyboard)
+        assert {"action_wait", "condition_wait", "denoise", "vae_decode", "frame_encode"} <= set(block.stage_seconds)
+
+    expected = batch_frames(actions)
+    for b, (block, frames) in enumerate(zip(result.blocks, expected)):
+        assert torch.equal(block.frames, frames), f"block {b} differs from the in-process engine"
+
+
+def test_jpeg_realtime_session(services):
+    """REALTIME: blocks run back to back; each uses the latest action (the idle action before the first, the
+    last one again when no new one came)."""
+    start = start_request(IMAGE, "universal", seed=SEED, max_blocks=3, pacing="realtime", jpeg_quality=90)
+    forward = get_action_space("universal").from_names(["forward"])
+    with SessionStream(services.address, start) as stream:
+        stream.send(forward)
+        blocks = list(stream)
+    info = stream.info
+    assert info.frame_encoding == session_pb2.FRAME_ENCODING_JPEG and info.pacing == session_pb2.PACING_REALTIME
+    assert stream.end.reason == session_pb2.END_REASON_MAX_BLOCKS and stream.end.blocks_generated == 3
+    frame = (info.height, info.width, 3)
+    assert [b.frames.shape for b in blocks] == [(9, *frame), (12, *frame), (12, *frame)]
+    applied = [bool(torch.equal(b.action.keyboard, forward.keyboard)) for b in blocks]
+    assert applied[-1] and applied == sorted(applied)  # idle until the action arrived, then it is repeated
+    assert all(torch.equal(b.action.keyboard, torch.zeros(1, 4)) for b, on in zip(blocks, applied) if not on)
+
+
+def test_client_stops_early(services):
+    """The client may stop at any block: the blocks whose actions were sent arrive, then `end`."""
+    space = get_action_space("universal")
+    start = start_request(IMAGE, "universal", seed=SEED, max_blocks=10)
+    with SessionStream(services.address, start) as stream:
+        stream.send(space.from_names(["forward"]))
+        stream.finish(explicit_stop=True)
+        blocks = list(stream)
+    assert len(blocks) == 1 and stream.end.reason == session_pb2.END_REASON_CLIENT_STOP
+
+
+def test_client_cli_writes_video(services, tmp_path):
+    image = tmp_path / "first.png"
+    image.write_bytes(IMAGE)
+    out = tmp_path / "session.mp4"
+    run = subprocess.run([sys.executable, "-m", "worldstream.client", "--address", services.address,
+                          "--image", str(image), "--mode", "universal", "--benchmark", "--blocks", "2",
+                          "--out", str(out), "--overlay"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"video: {out}" in run.stdout and "time to first frame" in run.stdout
+    with av.open(str(out)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == 21

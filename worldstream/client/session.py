@@ -1,0 +1,256 @@
+"""Client library of the WorldSession API (synchronous, usable from scripts and tests).
+
+    result = run_session("127.0.0.1:50051", "assets/demo.png", "universal", actions, frame_encoding="raw")
+    result.frames  # uint8 [N, H, W, 3]
+
+`SessionStream` is the lower-level handle for callers that decide actions on the fly (interactive play).
+"""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from PIL import Image
+
+from ..actions import BlockAction, get_action_space
+from ..decoder.actions import action_message, parse_action
+from ..media import decode_jpeg
+from ..v1 import session_pb2, session_pb2_grpc
+
+FRAME_ENCODINGS = {"jpeg": session_pb2.FRAME_ENCODING_JPEG, "raw": session_pb2.FRAME_ENCODING_RAW_RGB}
+PACINGS = {"lockstep": session_pb2.PACING_LOCKSTEP, "realtime": session_pb2.PACING_REALTIME}
+# Raw-RGB blocks of full-size frames are 8.1 MB; leave room for larger configs.
+MAX_RECEIVE_BYTES = 256 << 20
+
+
+@dataclass
+class ReceivedBlock:
+    index: int
+    frames: torch.Tensor  # uint8 [T, H, W, 3]
+    action: BlockAction  # the action the server applied (from its echo)
+    stage_seconds: dict[str, float]  # server-side stages
+    latency: float  # seconds from sending this block's action (or the previous block, REALTIME) to receiving it
+    received_at: float  # time.perf_counter() on arrival
+    wire_bytes: int
+
+
+@dataclass
+class SessionResult:
+    info: session_pb2.SessionInfo
+    blocks: list[ReceivedBlock] = field(default_factory=list)
+    end: session_pb2.SessionEnd | None = None
+    started_at: float = 0.0  # time.perf_counter() when the start request was sent
+
+    @property
+    def frames(self) -> torch.Tensor:
+        """All frames, uint8 [N, H, W, 3]."""
+        return torch.cat([block.frames for block in self.blocks])
+
+    @property
+    def frame_count(self) -> int:
+        return sum(block.frames.shape[0] for block in self.blocks)
+
+    @property
+    def time_to_first_frame(self) -> float:
+        return self.blocks[0].received_at - self.started_at if self.blocks else float("nan")
+
+    @property
+    def elapsed(self) -> float:
+        return self.blocks[-1].received_at - self.started_at if self.blocks else 0.0
+
+    @property
+    def fps(self) -> float:
+        """Frames per second after the first block (steady-state generation rate seen by the client)."""
+        if len(self.blocks) < 2:
+            return float("nan")
+        span = self.blocks[-1].received_at - self.blocks[0].received_at
+        return sum(block.frames.shape[0] for block in self.blocks[1:]) / span
+
+    def summary(self) -> dict[str, float]:
+        latencies = [block.latency for block in self.blocks]
+        return {
+            "blocks": len(self.blocks), "frames": self.frame_count, "seconds": self.elapsed,
+            "time_to_first_frame": self.time_to_first_frame, "fps": self.fps,
+            "latency_mean": statistics.fmean(latencies) if latencies else float("nan"),
+            "latency_p50": statistics.median(latencies) if latencies else float("nan"),
+            "latency_max": max(latencies, default=float("nan")),
+        }
+
+
+def image_bytes(image: str | os.PathLike | bytes | Image.Image) -> bytes:
+    """PNG/JPEG bytes of an image given as a file, encoded bytes or a PIL image."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    with open(image, "rb") as f:
+        return f.read()
+
+
+_HALF_CLOSE = object()
+
+
+class SessionStream:
+    """One open session. Send actions with `send`, iterate to receive blocks, `finish` to say no more actions.
+    RPC failures surface as grpc.RpcError (with the server's status code and message) while iterating."""
+
+    def __init__(self, address: str, start: session_pb2.StartSession, timeout: float | None = None,
+                 connect_timeout: float = 10.0):
+        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
+                                                                  MAX_RECEIVE_BYTES)])
+        self._requests: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._finished = False
+        self.space = get_action_space(start.mode)
+        self.lockstep = start.pacing != session_pb2.PACING_REALTIME
+        self.sent_at: list[float] = []  # perf_counter() of each action sent
+        self.started_at = time.perf_counter()
+        self._requests.put(session_pb2.SessionRequest(start=start))
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise ConnectionError(f"no WorldSession server reachable at {address} within {connect_timeout:g} s"
+                                  ) from None
+        self._call = session_pb2_grpc.WorldSessionStub(self._channel).Stream(self._request_stream(), timeout=timeout)
+        try:
+            first = next(self._call)
+            if first.WhichOneof("response") != "info":
+                raise RuntimeError(f"server answered the start with `{first.WhichOneof('response')}`, not `info`")
+        except BaseException:
+            self.close()
+            raise
+        self.info: session_pb2.SessionInfo = first.info
+        self.end: session_pb2.SessionEnd | None = None
+        self._last_arrival = time.perf_counter()
+
+    def _request_stream(self) -> Iterator[session_pb2.SessionRequest]:
+        while True:
+            request = self._requests.get()
+            if request is _HALF_CLOSE:
+                return
+            yield request
+
+    def send(self, action: BlockAction | session_pb2.Action) -> None:
+        """Queue an action. REALTIME takes held actions only: per-frame rows are sent as their last row (the
+        newest state), since the block they will land on is not known."""
+        if not self.lockstep and isinstance(action, BlockAction) and action.n_rows > 1:
+            action = BlockAction(action.keyboard[-1:], None if action.mouse is None else action.mouse[-1:])
+        with self._lock:
+            if self._finished:
+                raise RuntimeError("the session was finished; no more actions can be sent")
+            message = action if isinstance(action, session_pb2.Action) else action_message(action)
+            self.sent_at.append(time.perf_counter())
+            self._requests.put(session_pb2.SessionRequest(action=message))
+
+    def finish(self, explicit_stop: bool = False) -> None:
+        """No more actions: half-close (or send `stop` first). Blocks whose actions were sent still arrive."""
+        with self._lock:
+            if not self._finished:
+                self._finished = True
+                if explicit_stop:
+                    self._requests.put(session_pb2.SessionRequest(stop=session_pb2.StopSession()))
+                self._requests.put(_HALF_CLOSE)
+
+    def __iter__(self) -> Iterator[ReceivedBlock]:
+        for response in self._call:
+            kind = response.WhichOneof("response")
+            if kind == "end":
+                self.end = response.end
+                return
+            if kind != "block":
+                raise RuntimeError(f"unexpected `{kind}` response in the middle of a session")
+            yield self._received(response)
+
+    def _received(self, response: session_pb2.SessionResponse) -> ReceivedBlock:
+        now = time.perf_counter()
+        block = response.block
+        if self.lockstep and block.block_index < len(self.sent_at):
+            latency = now - self.sent_at[block.block_index]
+        else:
+            latency = now - self._last_arrival
+        self._last_arrival = now
+        return ReceivedBlock(block.block_index, decode_frames(block, self.info), self.applied_action(block),
+                             dict(block.stage_seconds), latency, now, response.ByteSize())
+
+    def applied_action(self, block: session_pb2.BlockChunk) -> BlockAction:
+        return parse_action(block.action, self.space, block.block_index if block.action.frames else None,
+                            f"echo of block {block.block_index}")
+
+    def cancel(self) -> None:
+        """Abort the session right away (the server frees it)."""
+        self._call.cancel()
+
+    def close(self) -> None:
+        self.finish()
+        self._call.cancel()
+        self._channel.close()
+
+    def __enter__(self) -> SessionStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def decode_frames(block: session_pb2.BlockChunk, info: session_pb2.SessionInfo) -> torch.Tensor:
+    """The frames of a block as uint8 [T, H, W, 3]."""
+    if info.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:
+        shape = (info.height, info.width, 3)
+        frames = [torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape) for data in block.frames]
+    else:
+        frames = [decode_jpeg(data) for data in block.frames]
+    return torch.stack(frames)
+
+
+def start_request(image: str | os.PathLike | bytes | Image.Image, mode: str, *, seed: int = 0,
+                  max_blocks: int = 0, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
+                  pacing: str = "lockstep") -> session_pb2.StartSession:
+    return session_pb2.StartSession(mode=mode, image=image_bytes(image), seed=seed, max_blocks=max_blocks,
+                                    frame_encoding=FRAME_ENCODINGS[frame_encoding], jpeg_quality=jpeg_quality,
+                                    pacing=PACINGS[pacing])
+
+
+def run_session(address: str, image: str | os.PathLike | bytes | Image.Image, mode: str,
+                actions: Sequence[BlockAction | session_pb2.Action], *, seed: int = 0, max_blocks: int | None = None,
+                frame_encoding: str = "jpeg", jpeg_quality: int = 0, pacing: str = "lockstep", window: int = 2,
+                timeout: float | None = None,
+                on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None) -> SessionResult:
+    """Run a whole session: one block per action (`max_blocks` defaults to len(actions)). LOCKSTEP keeps
+    `window` actions in flight; REALTIME sends the next action as each block arrives. Raises grpc.RpcError
+    with the server's status on failure."""
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    start = start_request(image, mode, seed=seed, max_blocks=len(actions) if max_blocks is None else max_blocks,
+                          frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing)
+    pending = list(actions)
+    with SessionStream(address, start, timeout=timeout) as stream:
+        result = SessionResult(stream.info, started_at=stream.started_at)
+        in_flight = window if stream.lockstep else 1
+
+        def refill(received: int) -> None:
+            while pending and len(stream.sent_at) < received + in_flight:
+                stream.send(pending.pop(0))
+            # LOCKSTEP: queued actions still run after the half-close. REALTIME: the server would stop at its
+            # next block, so keep the stream open until every action has had its block.
+            if not pending and (stream.lockstep or received >= len(actions)):
+                stream.finish()
+
+        refill(0)
+        for block in stream:
+            result.blocks.append(block)
+            refill(len(result.blocks))  # before the callback: keep the server busy while the caller works
+            if on_block is not None:
+                on_block(block, stream)
+        result.end = stream.end
+    return result

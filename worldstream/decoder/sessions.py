@@ -1,0 +1,368 @@
+"""Sessions of the decoder service: validation of the client's messages, the per-session block loop, and the
+bookkeeping that frees a session's state however it ends.
+
+Per session three coroutines run on the event loop: a reader (client messages -> `ActionInbox`), a producer (the
+block loop: action, condition, `run_block` on the session's own worker thread) and the deliverer (frame
+encoding on a shared thread pool, then writing to the client). The producer runs block b+1 while block b is being
+encoded and sent; a bounded queue between them keeps at most `OUTBOX_BLOCKS` finished blocks in memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ..actions import ACTION_SPACES, BlockAction, block_pixel_frames
+from ..encoder.client import ConditionFeed, EncoderClient
+from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
+from ..media import encode_jpeg
+from ..service_common import (ServiceError, ServiceMetrics, StreamProfiler, WorkerLane, first_request, log_event,
+                              run_together, within, write_with_timeout)
+from ..v1 import session_pb2
+from .actions import action_space_message, parse_action
+
+log = logging.getLogger("worldstream.decoder")
+
+DEFAULT_JPEG_QUALITY = 85
+OUTBOX_BLOCKS = 2  # finished blocks waiting for encoding/sending before the block loop pauses
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
+
+
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
+
+
+# ---- validation of client messages ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StartOptions:
+    mode: str
+    image: bytes
+    seed: int
+    max_blocks: int
+    frame_encoding: int
+    jpeg_quality: int
+    pacing: int
+
+
+def parse_start(start: session_pb2.StartSession, models: DecoderModels) -> StartOptions:
+    """Check a start request against what this server runs; ServiceError(INVALID_ARGUMENT) says what to fix."""
+    if start.mode not in ACTION_SPACES:
+        raise ServiceError(_INVALID, f"unknown mode {start.mode!r}; Matrix-Game-2 modes are {sorted(ACTION_SPACES)} "
+                                     f"and this server runs {models.mode!r}")
+    if start.mode != models.mode:
+        raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
+                                     f"{start.mode} deployment")
+    if not start.image:
+        raise ServiceError(_INVALID, "start.image is empty: send the first frame as PNG or JPEG bytes")
+    max_blocks = start.max_blocks or models.max_blocks
+    if max_blocks > models.max_blocks:
+        raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
+                                     f"{models.max_blocks} blocks")
+    encoding = start.frame_encoding or session_pb2.FRAME_ENCODING_JPEG
+    if encoding not in (session_pb2.FRAME_ENCODING_JPEG, session_pb2.FRAME_ENCODING_RAW_RGB):
+        raise ServiceError(_INVALID, f"unknown frame_encoding {start.frame_encoding}; use JPEG or RAW_RGB")
+    quality = start.jpeg_quality or DEFAULT_JPEG_QUALITY
+    if quality > 100:
+        raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100] (0 = {DEFAULT_JPEG_QUALITY}), got "
+                                     f"{start.jpeg_quality}")
+    pacing = start.pacing or session_pb2.PACING_LOCKSTEP
+    if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
+        raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
+    return StartOptions(start.mode, start.image, start.seed, max_blocks, encoding, quality, pacing)
+
+
+# ---- actions from the client ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TakenAction:
+    message: session_pb2.Action  # as received (echoed in the block)
+    action: BlockAction
+    taken_at: Timestamp
+
+
+class _Signal:
+    """Why `ActionInbox.take` returned no action."""
+    STOPPED = "stopped"
+    IDLE = "idle"
+    SHUTDOWN = "shutdown"
+
+
+class ActionInbox:
+    """Actions between the reader and the block loop. LOCKSTEP: a FIFO, one action per block. REALTIME: the
+    latest action, reused until a newer one arrives (the idle action before the first)."""
+
+    def __init__(self, pacing: int, idle: BlockAction):
+        self.lockstep = pacing == session_pb2.PACING_LOCKSTEP
+        self._queue: list[TakenAction] = []
+        self._latest = TakenAction(session_pb2.Action(), idle, _now())
+        self._stopped = False
+        self._interrupted = False
+        self._changed = asyncio.Condition()
+
+    async def put(self, taken: TakenAction) -> None:
+        async with self._changed:
+            if self.lockstep:
+                self._queue.append(taken)
+            else:
+                self._latest = taken
+            self._changed.notify_all()
+
+    async def stop(self) -> None:
+        """The client will send no more actions."""
+        async with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+
+    async def interrupt(self) -> None:
+        """Server shutdown: the next `take` ends the session."""
+        async with self._changed:
+            self._interrupted = True
+            self._changed.notify_all()
+
+    async def take(self, idle_timeout: float) -> TakenAction | str:
+        if not self.lockstep:
+            if self._interrupted:
+                return _Signal.SHUTDOWN
+            return _Signal.STOPPED if self._stopped else self._latest
+        try:
+            await within(self._news(), idle_timeout)
+        except asyncio.TimeoutError:
+            return _Signal.IDLE
+        if self._interrupted:
+            return _Signal.SHUTDOWN
+        return self._queue.pop(0) if self._queue else _Signal.STOPPED
+
+    async def _news(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._queue or self._stopped or self._interrupted)
+
+
+# ---- sessions -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Finished:
+    """A generated block on its way to the client."""
+    output: BlockOutput
+    taken: TakenAction
+    stage_seconds: dict[str, float]
+    start_time: Timestamp
+    generated_time: Timestamp
+
+
+class SessionManager:
+    """All sessions of one decoder process."""
+
+    def __init__(self, encoder: EncoderClient, metrics: ServiceMetrics, *, max_sessions: int, idle_timeout: float,
+                 frame_workers: int = 2, profile_dir: Path | None = None):
+        self.models: DecoderModels | None = None
+        self.encoder = encoder
+        self.metrics = metrics
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.profiler = StreamProfiler(profile_dir, log)
+        self.frame_pool = concurrent.futures.ThreadPoolExecutor(frame_workers, thread_name_prefix="frames")
+        self.sessions: dict[str, Session] = {}
+        self.reserved = 0
+        self.terminating = False
+
+    async def terminate(self) -> None:
+        """End every session after its current block and refuse new ones."""
+        self.terminating = True
+        for session in list(self.sessions.values()):
+            await session.inbox.interrupt()
+
+    async def stream(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        """The body of one WorldSession.Stream call."""
+        if self.models is None or self.terminating:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decoder is loading its models or shutting down; "
+                                                            "retry shortly")
+        received = time.perf_counter()
+        first = await first_request(requests, self.idle_timeout, "a `start` request")
+        self.metrics.bytes_received.inc(first.ByteSize())
+        if first.WhichOneof("request") != "start":
+            raise ServiceError(_INVALID, f"the first message must be `start`, got "
+                                         f"`{first.WhichOneof('request') or 'an empty request'}`")
+        options = parse_start(first.start, self.models)
+        if self.reserved >= self.max_sessions:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"this decoder runs {self.max_sessions} sessions at most and all are busy; retry "
+                               "later or connect to another replica")
+        self.reserved += 1
+        self.metrics.sessions_active.inc()
+        session = Session(self, options, context, received)
+        self.sessions[session.id] = session
+        try:
+            await session.run(requests)
+        finally:
+            try:
+                await session.release()
+            finally:
+                del self.sessions[session.id]
+                self.reserved -= 1
+                self.metrics.sessions_active.dec()
+
+
+class Session:
+    def __init__(self, manager: SessionManager, options: StartOptions, context: grpc.aio.ServicerContext,
+                 received: float):
+        self.id = uuid.uuid4().hex
+        self.manager = manager
+        self.models = manager.models
+        self.metrics = manager.metrics
+        self.options = options
+        self.context = context
+        self.received = received
+        self.space = self.models.action_space
+        self.inbox = ActionInbox(options.pacing, self.space.idle_action())
+        self.lane = WorkerLane(f"session-{self.id[:8]}")
+        self.feed: ConditionFeed | None = None
+        self.generation: GenerationSession | None = None
+        self.profiler: torch.profiler.profile | None = None
+        self.outbox: asyncio.Queue[_Finished | session_pb2.SessionEnd] = asyncio.Queue(OUTBOX_BLOCKS)
+        self.blocks_sent = 0
+
+    def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
+        log_event(log, event, level, session_id=self.id, **fields)
+
+    async def _send(self, response: session_pb2.SessionResponse) -> None:
+        await write_with_timeout(self.context, response, self.metrics, self.manager.idle_timeout)
+
+    async def run(self, requests: Any) -> None:
+        options, models = self.options, self.models
+        self._log("session starting", seed=options.seed, max_blocks=options.max_blocks,
+                  pacing=session_pb2.Pacing.Name(options.pacing),
+                  frame_encoding=session_pb2.FrameEncoding.Name(options.frame_encoding), peer=self.context.peer())
+        height, width = int(models.cfg.video.height), int(models.cfg.video.width)
+        self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
+                                                    options.max_blocks)
+        visual_context = await self.feed.visual_context()
+        self.generation = await self.lane.run(self._open_generation, visual_context)
+        await self._send(session_pb2.SessionResponse(info=session_pb2.SessionInfo(
+            session_id=self.id, mode=options.mode, height=height, width=width,
+            first_block_frames=block_pixel_frames(0), block_frames=block_pixel_frames(1),
+            fps=int(models.cfg.video.fps), max_blocks=options.max_blocks,
+            action_space=action_space_message(self.space), frame_encoding=options.frame_encoding,
+            pacing=options.pacing)))
+        await run_together(self._deliver(), self._produce(), self._read(requests))
+
+    def _open_generation(self, visual_context: torch.Tensor) -> GenerationSession:
+        self.profiler = self.manager.profiler.start(f"session-{self.id}")
+        return self.models.open_session(visual_context.to(self.models.device), seed=self.options.seed,
+                                        max_blocks=self.options.max_blocks)
+
+    def _run_block(self, cond: torch.Tensor, action: BlockAction) -> BlockOutput:
+        return self.generation.run_block(cond.to(self.models.device), action)
+
+    # -- the three coroutines --
+
+    async def _read(self, requests: Any) -> None:
+        """Client messages -> inbox. Ends when the client half-closes or sends `stop`."""
+        lockstep = self.inbox.lockstep
+        for count in itertools.count():
+            message = await anext(requests, None)
+            if message is None:
+                await self.inbox.stop()
+                return
+            self.metrics.bytes_received.inc(message.ByteSize())
+            kind = message.WhichOneof("request")
+            if kind == "stop":
+                await self.inbox.stop()
+                break
+            if kind != "action":
+                raise ServiceError(_INVALID, f"`{kind or 'an empty request'}` is only allowed as the first message; "
+                                             "send `action` or `stop`")
+            if lockstep and count >= self.options.max_blocks:
+                raise ServiceError(_OUT_OF_RANGE, f"action #{count + 1} is past the end: the session has "
+                                                  f"max_blocks={self.options.max_blocks} blocks, one action each")
+            try:
+                action = parse_action(message.action, self.space, count if lockstep else None, f"action #{count + 1}")
+            except ValueError as e:
+                raise ServiceError(_INVALID, str(e)) from None
+            await self.inbox.put(TakenAction(message.action, action, _now()))
+        if await anext(requests, None) is not None:
+            raise ServiceError(_OUT_OF_RANGE, "a message arrived after `stop`; the session accepts nothing more")
+
+    async def _produce(self) -> None:
+        """The block loop."""
+        for b in range(self.options.max_blocks):
+            waited = time.perf_counter()
+            taken = await self.inbox.take(self.manager.idle_timeout)
+            if isinstance(taken, str):
+                await self.outbox.put(self._end(taken))
+                return
+            got_action = time.perf_counter()
+            cond = await self.feed.block(b)
+            start_time, started = _now(), time.perf_counter()
+            output = await self.lane.run(self._run_block, cond, taken.action)
+            stages = {"action_wait": got_action - waited, "condition_wait": started - got_action, **output.timings}
+            await self.outbox.put(_Finished(output, taken, stages, start_time, _now()))
+        await self.outbox.put(self._end(None))
+
+    def _end(self, signal: str | None) -> session_pb2.SessionEnd:
+        reason, detail = {
+            None: (session_pb2.END_REASON_MAX_BLOCKS, f"all {self.options.max_blocks} blocks generated"),
+            _Signal.STOPPED: (session_pb2.END_REASON_CLIENT_STOP, "the client stopped"),
+            _Signal.IDLE: (session_pb2.END_REASON_IDLE_TIMEOUT,
+                           f"no action for {self.manager.idle_timeout:g} s"),
+            _Signal.SHUTDOWN: (session_pb2.END_REASON_SERVER_SHUTDOWN, "the server is shutting down"),
+        }[signal]
+        return session_pb2.SessionEnd(reason=reason, detail=detail)
+
+    async def _deliver(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, session_pb2.SessionEnd):
+                item.blocks_generated = self.blocks_sent
+                await self._send(session_pb2.SessionResponse(end=item))
+                self._log("session ended", reason=session_pb2.EndReason.Name(item.reason), blocks=self.blocks_sent)
+                return
+            encode_started = time.perf_counter()
+            frames = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames, item.output.frames)
+            item.stage_seconds["frame_encode"] = time.perf_counter() - encode_started
+            block = session_pb2.BlockChunk(
+                block_index=item.output.index, frame_count=len(frames), frames=frames, action=item.taken.message,
+                stage_seconds=item.stage_seconds, action_time=item.taken.taken_at, start_time=item.start_time,
+                generated_time=item.generated_time, send_time=_now())
+            await self._send(session_pb2.SessionResponse(block=block))
+            self.blocks_sent += 1
+            self.metrics.blocks_served.inc()
+            for stage, seconds in item.stage_seconds.items():
+                self.metrics.block_stage_seconds.labels(stage=stage).observe(seconds)
+            if self.blocks_sent == 1:
+                self.metrics.time_to_first_frame_seconds.observe(time.perf_counter() - self.received)
+
+    def _encode_frames(self, frames: torch.Tensor) -> list[bytes]:
+        if self.options.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:
+            return [frame.numpy().tobytes() for frame in frames]
+        return [encode_jpeg(frame, self.options.jpeg_quality) for frame in frames]
+
+    async def release(self) -> None:
+        """Free everything the session holds, however it ended (after the block in flight finishes)."""
+        if self.feed is not None:
+            self.feed.close()
+        await asyncio.shield(self.lane.close(self._free_device_state))
+        self._log("session released", blocks=self.blocks_sent)
+
+    def _free_device_state(self) -> None:
+        try:
+            if self.generation is not None:
+                self.generation.close()
+                self.generation = None
+        finally:
+            self.manager.profiler.finish(self.profiler, f"session-{self.id}")
+            self.profiler = None

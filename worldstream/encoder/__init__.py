@@ -1,0 +1,1 @@
+"""Condition-encoder service (`python -m worldstream.encoder`) and its client used by decoders."""

@@ -1,0 +1,240 @@
+"""The condition-encoder service: `worldstream.v1.ConditionEncoder` over the engine's EncoderModels.
+
+Each `Encode` stream is one decoder session. Its model work (image decode, CLIP, VAE encode, host copies) runs on
+the stream's own worker thread, never on the event loop; a stream computes its blocks in order, at most
+`prefetch` blocks beyond the credits the decoder granted, and sends a block only once it has the credit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from PIL import Image
+from torch.profiler import record_function
+
+from ..engine.encoder import EncoderModels
+from ..media import load_image
+from ..service_common import (ServiceError, ServiceMetrics, StreamProfiler, WorkerLane, first_request, log_event,
+                              run_call, run_together, within, write_with_timeout)
+from ..v1 import encoder_pb2, encoder_pb2_grpc
+from ..wire import pack_tensor
+
+log = logging.getLogger("worldstream.encoder")
+
+SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoder"].full_name
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def warm_up(models: EncoderModels, blocks: int) -> None:
+    """Encode a grey picture, so that lazy initialisation is not paid by the first session."""
+    if blocks < 1:
+        return
+    session = models.open_session(Image.new("RGB", (models.width, models.height), (128, 128, 128)))
+    try:
+        for _ in range(blocks):
+            session.next_block()
+    finally:
+        session.close()
+
+
+class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServicer):
+    def __init__(self, cfg: Any, metrics: ServiceMetrics, *, max_streams: int = 64, prefetch: int = 2,
+                 idle_timeout: float = 300.0, warmup_blocks: int = 2, profile_dir: Path | None = None):
+        if prefetch < 0 or max_streams < 1:
+            raise ValueError("need prefetch >= 0 and max_streams >= 1")
+        self.cfg = cfg
+        self.metrics = metrics
+        self.max_streams = max_streams
+        self.prefetch = prefetch
+        self.idle_timeout = idle_timeout
+        self.warmup_blocks = warmup_blocks
+        self.profiler = StreamProfiler(profile_dir, log)
+        self.models: EncoderModels | None = None
+        self.streams = 0
+        self.terminating = False
+
+    async def load(self) -> None:
+        """Build and warm up the models off the event loop (the health service reports NOT_SERVING meanwhile)."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        models = await loop.run_in_executor(None, EncoderModels.build, self.cfg)
+        await loop.run_in_executor(None, warm_up, models, self.warmup_blocks)
+        self.models = models
+        log_event(log, "models loaded", mode=models.mode, device=str(models.device),
+                  warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))
+
+    async def terminate(self) -> None:
+        """Refuse new streams; running ones continue until the server's grace period ends."""
+        self.terminating = True
+
+    async def Encode(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await run_call(self._encode(request_iterator, context), context, self.metrics, log, "Encode")
+
+    async def _encode(self, requests, context: grpc.aio.ServicerContext) -> None:
+        if self.models is None or self.terminating:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the encoder is loading its models or shutting "
+                                                            "down; retry shortly")
+        first = await first_request(requests, self.idle_timeout, "an `image` request")
+        self.metrics.bytes_received.inc(first.ByteSize())
+        if first.WhichOneof("request") != "image":
+            raise ServiceError(_INVALID, f"the first request must be `image`, got "
+                                         f"`{first.WhichOneof('request') or 'nothing'}`")
+        request = first.image
+        self._check(request)
+        if self.streams >= self.max_streams:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the encoder serves {self.max_streams} streams at most; retry later or add "
+                               "encoder replicas")
+        self.streams += 1
+        self.metrics.sessions_active.inc()
+        stream = _EncodeStream(self, request, context)
+        try:
+            await run_together(stream.send_all(), stream.read_credits(requests))
+        finally:
+            stream.close()
+            self.streams -= 1
+            self.metrics.sessions_active.dec()
+
+    def _check(self, request: encoder_pb2.ImageConditionRequest) -> None:
+        models = self.models
+        mismatch = grpc.StatusCode.FAILED_PRECONDITION  # the two services run different configs
+        if request.mode != models.mode:
+            raise ServiceError(mismatch, f"this encoder serves mode {models.mode!r}, not {request.mode!r}")
+        if (request.height, request.width) != (models.height, models.width):
+            raise ServiceError(mismatch, f"this encoder makes {models.height}x{models.width} conditions, the "
+                                         f"request asks for {request.height}x{request.width}: run encoder and "
+                                         "decoder with the same config")
+        if request.max_blocks < 1:
+            raise ServiceError(_INVALID, "max_blocks must be at least 1")
+        transports = set(request.accepted_transports)
+        if transports and not transports & {encoder_pb2.TENSOR_TRANSPORT_GRPC,
+                                            encoder_pb2.TENSOR_TRANSPORT_UNSPECIFIED}:
+            raise ServiceError(_INVALID, "this encoder sends tensors over gRPC only; accept TENSOR_TRANSPORT_GRPC")
+
+
+def _pack(kind: int, block_index: int, name: str, tensor: torch.Tensor) -> list[encoder_pb2.EncodeResponse]:
+    """Response messages of one condition tensor (runs on a worker: the host copy may wait for the device)."""
+    return [encoder_pb2.EncodeResponse(tensor=encoder_pb2.ConditionTensor(kind=kind, block_index=block_index,
+                                                                          chunk=chunk))
+            for chunk in pack_tensor(name, tensor)]
+
+
+def _encode_block(session, b: int) -> tuple[list[encoder_pb2.EncodeResponse], float]:
+    """Encode and pack the next block (on a worker; the host copy waits for the device); also its duration."""
+    started = time.perf_counter()
+    with record_function(f"encode_block_{b}"):
+        messages = _pack(encoder_pb2.CONDITION_KIND_COND_CONCAT, b, "cond_concat", session.next_block())
+    return messages, time.perf_counter() - started
+
+
+class _EncodeStream:
+    """State of one Encode stream: the engine's ConditionSession plus credit-based flow control."""
+
+    def __init__(self, service: ConditionEncoderService, request: encoder_pb2.ImageConditionRequest,
+                 context: grpc.aio.ServicerContext):
+        self.service = service
+        self.request = request
+        self.context = context
+        self.metrics = service.metrics
+        self.name = f"encode-{request.session_id or id(self)}"
+        self.lane = WorkerLane(self.name[:16])
+        self.profiler: torch.profiler.profile | None = None
+        self.session = None
+        self.credits = request.initial_credits
+        self.ready: dict[int, list[encoder_pb2.EncodeResponse]] = {}
+        self.sent = 0
+        self.decoder_done = False  # the decoder half-closed: no more credit will come
+        self.changed = asyncio.Condition()
+
+    async def _send(self, message: encoder_pb2.EncodeResponse) -> None:
+        await write_with_timeout(self.context, message, self.metrics, self.service.idle_timeout)
+
+    def _open(self) -> None:
+        self.profiler = self.service.profiler.start(self.name)
+        with record_function("open_session"):
+            self.session = self.service.models.open_session(load_image(self.request.image))
+
+    async def send_all(self) -> None:
+        request, models = self.request, self.service.models
+        started = time.perf_counter()
+        try:
+            await self.lane.run(self._open)
+        except ValueError as e:
+            raise ServiceError(_INVALID, f"conditioning image rejected: {e}") from None
+        self.metrics.encoder_request_seconds.labels(request="open").observe(time.perf_counter() - started)
+        log_event(log, "stream opened", session_id=request.session_id, max_blocks=request.max_blocks,
+                  open_seconds=round(time.perf_counter() - started, 4))
+        await self._send(encoder_pb2.EncodeResponse(ready=encoder_pb2.EncodeReady(
+            mode=models.mode, latent_frames_per_block=models.frames_per_block, max_blocks=request.max_blocks,
+            transport=encoder_pb2.TENSOR_TRANSPORT_GRPC)))
+        for message in await self.lane.run(_pack, encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT, 0, "visual_context",
+                                           self.session.visual_context):
+            await self._send(message)
+        await run_together(self._send_blocks(), self._compute_blocks())
+        log_event(log, "stream finished", session_id=request.session_id, blocks=self.sent)
+
+    async def _until(self, predicate, what: str) -> bool:
+        """Wait for credit; False if the decoder closed its side and will grant none. A decoder that grants no
+        credit for the idle timeout is dropped."""
+        async def wait() -> None:
+            async with self.changed:
+                await self.changed.wait_for(lambda: predicate() or self.decoder_done)
+        try:
+            await within(wait(), self.service.idle_timeout)
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the decoder granted no credit for "
+                                                                  f"{self.service.idle_timeout:g} s ({what})") from None
+        return predicate()
+
+    async def _compute_blocks(self) -> None:
+        for b in range(self.request.max_blocks):
+            if not await self._until(lambda: b < self.credits + self.service.prefetch, f"to compute block {b}"):
+                return
+            started = time.perf_counter()
+            messages, encode_seconds = await self.lane.run(_encode_block, self.session, b)
+            self.metrics.block_stage_seconds.labels(stage="encode").observe(encode_seconds)
+            self.metrics.encoder_request_seconds.labels(request="block").observe(time.perf_counter() - started)
+            async with self.changed:
+                self.ready[b] = messages
+                self.changed.notify_all()
+
+    async def _send_blocks(self) -> None:
+        for b in range(self.request.max_blocks):
+            if not await self._until(lambda: b < self.credits and b in self.ready, f"to send block {b}"):
+                return
+            for message in self.ready.pop(b):
+                await self._send(message)
+            self.sent += 1
+            self.metrics.blocks_served.inc()
+
+    async def read_credits(self, requests) -> None:
+        async for message in requests:
+            self.metrics.bytes_received.inc(message.ByteSize())
+            kind = message.WhichOneof("request")
+            if kind != "credit":
+                raise ServiceError(_INVALID, f"after `image` only `credit` requests are allowed, got `{kind}`")
+            async with self.changed:
+                self.credits += message.credit.blocks
+                self.changed.notify_all()
+        async with self.changed:
+            self.decoder_done = True
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        """Free the session's state once the work in flight is done (on the lane, which may still be using it).
+        Synchronous, so that a second cancellation of the call cannot skip it."""
+        self.lane.close(self._free)
+
+    def _free(self) -> None:
+        try:
+            if self.session is not None:
+                self.session.close()
+                self.session = None
+        finally:
+            self.service.profiler.finish(self.profiler, self.name)
+            self.profiler = None
