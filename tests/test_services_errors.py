@@ -152,7 +152,7 @@ def test_encoder_down_is_unavailable_then_recovers(tmp_path):
         assert len(list(survivor)) == 2 and survivor.end.reason == session_pb2.END_REASON_MAX_BLOCKS
         survivor.close()
 
-        services.start_encoder(tmp_path, SMALL_FRAMES)
+        services.start_encoder()  # same port and arguments
 
         def session_works() -> bool:
             try:

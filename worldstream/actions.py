@@ -502,3 +502,15 @@ def _held_entry(space: ActionSpace, action: BlockAction) -> dict[str, Any]:
     if action.mouse is not None:
         entry["mouse"] = action.mouse[0].cpu().tolist()
     return entry
+
+
+def planned_actions(mode: str, blocks: int, trajectory: str | os.PathLike | None = None,
+                    benchmark_seed: int = 0) -> list[BlockAction]:
+    """The first `blocks` block actions of a trajectory file, or of the mode's reference benchmark trajectory."""
+    if trajectory is not None:
+        actions = load_trajectory(trajectory, mode)
+        if len(actions) < blocks:
+            raise ValueError(f"{trajectory} holds {len(actions)} blocks, fewer than the {blocks} asked for")
+        return actions[:blocks]
+    keyboard, mouse = benchmark_trajectory(mode, track_rows(blocks), benchmark_seed)
+    return split_track(keyboard, mouse)

@@ -18,24 +18,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .actions import BlockAction, benchmark_trajectory, load_trajectory, split_track
+from .actions import BlockAction, planned_actions
 from .engine.config import load_config
 from .engine.encoder import EncoderModels
 from .engine.generator import DecoderModels
 from .media import VideoWriter, load_image
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
-
-
-def block_actions(mode: str, blocks: int, trajectory: Path | None, benchmark_seed: int | None) -> list[BlockAction]:
-    """Per-block actions: from a trajectory file, or cut from the reference benchmark trajectory of the mode."""
-    if trajectory is not None:
-        actions = load_trajectory(trajectory, mode)
-        if len(actions) < blocks:
-            raise SystemExit(f"{trajectory} holds {len(actions)} blocks, fewer than --blocks {blocks}")
-        return actions[:blocks]
-    keyboard, mouse = benchmark_trajectory(mode, 12 * blocks - 3, benchmark_seed or 0)
-    return split_track(keyboard, mouse)
 
 
 def generate(config: str, image_path: Path, actions: list[BlockAction], out: Path, seed: int, overlay: bool,
@@ -94,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     mode = str(load_config(args.config, args.overrides).mode)
-    actions = block_actions(mode, args.blocks, args.trajectory, args.benchmark_seed)
+    try:
+        actions = planned_actions(mode, args.blocks, args.trajectory, args.benchmark_seed)
+    except ValueError as err:
+        parser.error(str(err))
     stats = generate(args.config, args.image, actions, args.out, args.seed, args.overlay, args.overrides,
                      args.profile)
     print(f"wrote {args.out} ({stats['frames']} frames, {stats['blocks']} blocks) in {stats['seconds']:.1f} s: "

@@ -1,5 +1,5 @@
 """Run the whole system locally: encoder service + decoder service as separate processes on loopback, then the
-client for a default trajectory. This is what `make demo` runs; the end-to-end tests use `ServiceStack` too.
+client for a default trajectory. This is what `make demo` runs; the end-to-end tests drive `ServiceStack` too.
 
     python -m worldstream.launch --config mg2/universal_tiny --blocks 10 --out out/demo.mp4
 """
@@ -27,31 +27,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, timeout: float, process: subprocess.Popen) -> None:
-    """Block until the server's grpc.health.v1 check says SERVING (models loaded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service at {address} exited with status {process.returncode} while starting")
-        if serving_status(address, timeout=1.0) == "SERVING":
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"service at {address} did not report SERVING within {timeout:.0f} s")
+class ServiceProcess:
+    """One service (`python -m worldstream.<name>`) as a child process logging to a file."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path):
+        self.name, self.args, self.log_path = name, args, log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, port: int, startup_timeout: float) -> "ServiceProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", f"worldstream.{self.name}", *self.args], cwd=REPO,
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=log,
+                                            stderr=subprocess.STDOUT)
+        self.wait_serving(f"{LOOPBACK}:{port}", startup_timeout)
+        return self
+
+    def wait_serving(self, address: str, timeout: float) -> None:
+        """Block until the grpc.health.v1 check says SERVING (models loaded and warmed up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.process.returncode} while starting; "
+                                   f"log:\n{self.log()}")
+            if serving_status(address, timeout=1.0) == "SERVING":
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} at {address} did not report SERVING within {timeout:.0f} s")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful shutdown), then SIGKILL if it outlives `timeout`; returns the exit status."""
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
 
 
 class ServiceStack:
-    """Encoder and decoder services as child processes on free loopback ports (a context manager)."""
+    """Encoder and decoder services on free loopback ports (a context manager that stops both)."""
 
-    def __init__(self, config: str, overrides: list[str] = (), decoder_args: list[str] = (),
-                 encoder_args: list[str] = (), log_dir: Path | None = None, startup_timeout: float = 300.0):
-        self.config = config
-        self.overrides = list(overrides)
-        self.decoder_args, self.encoder_args = list(decoder_args), list(encoder_args)
-        self.log_dir = log_dir
-        self.startup_timeout = startup_timeout
-        self.encoder_port, self.decoder_port = free_port(), free_port()
-        self.encoder_metrics_port, self.decoder_metrics_port = free_port(), free_port()
-        self.processes: dict[str, subprocess.Popen] = {}
+    def __init__(self, config: str, log_dir: Path, overrides: list[str] = (), encoder_args: list[str] = (),
+                 decoder_args: list[str] = (), startup_timeout: float = 300.0):
+        self.config, self.log_dir, self.startup_timeout = config, log_dir, startup_timeout
+        self.overrides = [arg for override in overrides for arg in ("--set", override)]
+        self.encoder_args, self.decoder_args = list(encoder_args), list(decoder_args)
+        self.encoder_port, self.encoder_metrics_port = free_port(), free_port()
+        self.decoder_port, self.decoder_metrics_port = free_port(), free_port()
+        self.encoder: ServiceProcess | None = None
+        self.decoder: ServiceProcess | None = None
 
     @property
     def address(self) -> str:
@@ -61,39 +98,21 @@ class ServiceStack:
     def encoder_address(self) -> str:
         return f"{LOOPBACK}:{self.encoder_port}"
 
-    def _spawn(self, name: str, port: int, metrics_port: int, extra: list[str]) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", f"worldstream.{name}", "--config", self.config, "--host", LOOPBACK,
-               "--port", str(port), "--metrics-port", str(metrics_port)]
-        for override in self.overrides:
-            cmd += ["--set", override]
-        out = subprocess.DEVNULL
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd + extra, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        self.processes[name] = proc
-        return proc
+    def service_args(self, port: int, metrics_port: int) -> list[str]:
+        return ["--config", self.config, *self.overrides, "--host", LOOPBACK, "--port", str(port),
+                "--metrics-port", str(metrics_port)]
 
-    def start_encoder(self) -> None:
-        proc = self._spawn("encoder", self.encoder_port, self.encoder_metrics_port, self.encoder_args)
-        wait_serving(self.encoder_address, self.startup_timeout, proc)
+    def start_encoder(self, extra: list[str] = ()) -> ServiceProcess:
+        """(Re)start the encoder on its port."""
+        args = self.service_args(self.encoder_port, self.encoder_metrics_port) + self.encoder_args + list(extra)
+        self.encoder = ServiceProcess("encoder", args, self.log_dir / "encoder.log")
+        return self.encoder.start(self.encoder_port, self.startup_timeout)
 
-    def start_decoder(self) -> None:
-        proc = self._spawn("decoder", self.decoder_port, self.decoder_metrics_port,
-                           ["--encoder-address", self.encoder_address, *self.decoder_args])
-        wait_serving(self.address, self.startup_timeout, proc)
-
-    def stop(self, name: str, timeout: float = 30.0) -> int:
-        """SIGTERM (graceful shutdown) and wait; returns the exit status."""
-        proc = self.processes.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+    def start_decoder(self, extra: list[str] = ()) -> ServiceProcess:
+        args = self.service_args(self.decoder_port, self.decoder_metrics_port) + [
+            "--encoder-address", self.encoder_address, *self.decoder_args, *extra]
+        self.decoder = ServiceProcess("decoder", args, self.log_dir / "decoder.log")
+        return self.decoder.start(self.decoder_port, self.startup_timeout)
 
     def __enter__(self) -> "ServiceStack":
         try:
@@ -105,8 +124,9 @@ class ServiceStack:
         return self
 
     def close(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
+        for service in (self.decoder, self.encoder):
+            if service is not None:
+                service.stop()
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -128,13 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     source = ["--trajectory", str(demo)] if demo.exists() else ["--benchmark"]
     log_dir = args.out.parent / "logs"
     print(f"starting the encoder and decoder services ({args.config}); logs in {log_dir}/", flush=True)
-    with ServiceStack(args.config, args.overrides, log_dir=log_dir) as stack:
+    with ServiceStack(args.config, log_dir, args.overrides) as stack:
         print(f"encoder {stack.encoder_address}, decoder {stack.address}", flush=True)
-        status = client_main(  # prints where the video is["--address", stack.address, "--image", str(args.image), "--mode", mode,
-                              *source, "--blocks", str(args.blocks), "--out", str(args.out), "--overlay"])
-    return status
+        return client_main(["--address", stack.address, "--image", str(args.image), "--mode", mode, *source,
+                            "--blocks", str(args.blocks), "--out", str(args.out), "--overlay"])  # prints the path
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from ..actions import ACTION_SPACES, BlockAction, benchmark_trajectory, get_action_space, load_trajectory, split_track
+from ..actions import ACTION_SPACES, get_action_space, planned_actions
 from ..media import VideoWriter
 from .interactive import KeyboardActions, TerminalKeys
 from .session import ReceivedBlock, SessionResult, SessionStream, run_session, start_request
@@ -45,16 +45,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--blocks must be at least 1")
     args.pacing = args.pacing or ("realtime" if args.interactive else "lockstep")
     return args
-
-
-def planned_actions(args: argparse.Namespace) -> list[BlockAction]:
-    if args.trajectory is not None:
-        actions = load_trajectory(args.trajectory, args.mode)
-        if len(actions) < args.blocks:
-            raise SystemExit(f"{args.trajectory} holds {len(actions)} blocks, fewer than --blocks {args.blocks}")
-        return actions[:args.blocks]
-    keyboard, mouse = benchmark_trajectory(args.mode, 12 * args.blocks - 3, args.benchmark_seed)
-    return split_track(keyboard, mouse)
 
 
 class Progress:
@@ -136,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.interactive:
                 result = play_interactive(args, writer)
             else:
-                actions = planned_actions(args)
+                actions = planned_actions(args.mode, args.blocks, args.trajectory, args.benchmark_seed)
                 progress: Progress | None = None
 
                 def on_block(block: ReceivedBlock, stream: SessionStream) -> None:
@@ -151,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(f"\nsession failed: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except ConnectionError as e:
+    except (ConnectionError, ValueError) as e:  # unreachable server, bad trajectory file
         print(f"\n{e}", file=sys.stderr)
         return 1
     stats = result.summary()

@@ -33,8 +33,9 @@ def parse_args(argv: list[str] | None):
                         help="seconds a session waits for the client's next message (LOCKSTEP) or reads "
                              "before it is ended")
     parser.add_argument("--frame-workers", type=int, default=2, help="threads encoding frames (JPEG) for all sessions")
-    parser.add_argument("--warmup-blocks", type=int, default=2,
-                        help="blocks of a throw-away session run before reporting SERVING (0 = none)")
+    parser.add_argument("--warmup-blocks", type=int, default=None,
+                        help="blocks of a throw-away session run before reporting SERVING (default: every shape "
+                             "the compiled block loop takes; 0 = none)")
     parser.add_argument("--encoder-window", type=int, default=2,
                         help="blocks of conditioning the encoder may send ahead of the block loop (credits)")
     parser.add_argument("--encoder-connect-timeout", type=float, default=5.0,

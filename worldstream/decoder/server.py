@@ -6,10 +6,7 @@ import logging
 import time
 
 import grpc
-import torch
 
-from ..engine.builders import resolve_dtype
-from ..engine.conditioning import MASK_CHANNELS
 from ..engine.generator import DecoderModels
 from ..service_common import ServiceMetrics, log_event, run_call
 from ..v1 import session_pb2, session_pb2_grpc
@@ -20,28 +17,8 @@ log = logging.getLogger("worldstream.decoder")
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["WorldSession"].full_name
 
 
-def warm_up(models: DecoderModels, blocks: int) -> None:
-    """Run a throw-away session on neutral conditioning, so that lazy initialisation (CUDA context, kernel
-    selection, allocator growth) is not paid by the first client."""
-    if blocks < 1:
-        return
-    cfg = models.cfg
-    dtype = resolve_dtype(cfg.dtype)
-    tokens = 1 + (int(cfg.clip.image_size) // int(cfg.clip.patch_size)) ** 2
-    visual_context = torch.zeros(1, tokens, int(cfg.dit.clip_dim), device=models.device, dtype=dtype)
-    channels, height, width = models.latent_shape
-    cond = torch.zeros(1, MASK_CHANNELS + channels, models.frames_per_block, height, width, device=models.device,
-                       dtype=dtype)
-    session = models.open_session(visual_context, seed=0, max_blocks=blocks)
-    try:
-        for _ in range(blocks):
-            session.run_block(cond, models.action_space.idle_action())
-    finally:
-        session.close()
-
-
 class WorldSessionService(session_pb2_grpc.WorldSessionServicer):
-    def __init__(self, cfg, manager: SessionManager, metrics: ServiceMetrics, warmup_blocks: int = 2):
+    def __init__(self, cfg, manager: SessionManager, metrics: ServiceMetrics, warmup_blocks: int | None = None):
         self.cfg = cfg
         self.manager = manager
         self.metrics = metrics
@@ -52,7 +29,7 @@ class WorldSessionService(session_pb2_grpc.WorldSessionServicer):
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         models = await loop.run_in_executor(None, DecoderModels.build, self.cfg)
-        await loop.run_in_executor(None, warm_up, models, self.warmup_blocks)
+        await loop.run_in_executor(None, models.warm_up, self.warmup_blocks)
         self.manager.models = models
         log_event(log, "models loaded", mode=models.mode, device=str(models.device), max_blocks=models.max_blocks,
                   warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))

@@ -261,11 +261,10 @@ class Session:
 
     def _open_generation(self, visual_context: torch.Tensor) -> GenerationSession:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
-        return self.models.open_session(visual_context.to(self.models.device), seed=self.options.seed,
-                                        max_blocks=self.options.max_blocks)
+        return self.models.open_session(visual_context, seed=self.options.seed, max_blocks=self.options.max_blocks)
 
     def _run_block(self, cond: torch.Tensor, action: BlockAction) -> BlockOutput:
-        return self.generation.run_block(cond.to(self.models.device), action)
+        return self.generation.run_block(cond, action)  # host tensor: the engine copies it asynchronously
 
     # -- the three coroutines --
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import torch
-from PIL import Image
 from torch.profiler import record_function
 
 from ..engine.encoder import EncoderModels
@@ -28,18 +27,6 @@ log = logging.getLogger("worldstream.encoder")
 
 SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoder"].full_name
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def warm_up(models: EncoderModels, blocks: int) -> None:
-    """Encode a grey picture, so that lazy initialisation is not paid by the first session."""
-    if blocks < 1:
-        return
-    session = models.open_session(Image.new("RGB", (models.width, models.height), (128, 128, 128)))
-    try:
-        for _ in range(blocks):
-            session.next_block()
-    finally:
-        session.close()
 
 
 class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServicer):
@@ -63,7 +50,7 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServicer):
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         models = await loop.run_in_executor(None, EncoderModels.build, self.cfg)
-        await loop.run_in_executor(None, warm_up, models, self.warmup_blocks)
+        await loop.run_in_executor(None, models.warm_up, self.warmup_blocks)
         self.models = models
         log_event(log, "models loaded", mode=models.mode, device=str(models.device),
                   warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))

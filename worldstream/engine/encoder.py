@@ -5,6 +5,8 @@ latents are encoded block by block, ahead of need, instead of the whole padded v
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from omegaconf import DictConfig
 from PIL import Image
@@ -39,6 +41,18 @@ class EncoderModels:
 
     def open_session(self, image: Image.Image) -> "ConditionSession":
         return ConditionSession(self, image)
+
+    def warm_up(self, blocks: int = 2) -> float:
+        """Encode a grey picture so that lazy start-up work is not paid by the first session; returns seconds."""
+        start = time.perf_counter()
+        if blocks > 0:
+            session = self.open_session(Image.new("RGB", (self.width, self.height), (128, 128, 128)))
+            try:
+                for _ in range(blocks):
+                    session.next_block()
+            finally:
+                session.close()
+        return time.perf_counter() - start
 
 
 class ConditionSession:

@@ -94,29 +94,38 @@ class DecoderModels:
         self.frames_per_block = int(pipe.frames_per_block)
         self.latent_shape = (int(cfg.dit.out_dim), int(cfg.video.height) // 8, int(cfg.video.width) // 8)
         self.max_blocks = int(cfg.limits.max_blocks)
-        self.warm_up_s = self.warm_up() if cfg.compile else 0.0
 
-    def warm_up(self) -> float:
-        """Run a throwaway session through every shape the block loop takes, so that torch.compile compiles
-        here, at start-up, and not in a user's first blocks. Returns the seconds it took.
-
-        Blocks run until the DiT's ring phases repeat (3 blocks at 3 frames per block, window 6), which also
-        takes the VAE decoder through the cache shapes of a stream's first latents."""
-        start = time.perf_counter()
-        phases: list[RingSlots] = []
-        while (slots := RingSlots.of(len(phases) * self.frames_per_block, self.frames_per_block,
-                                     int(self.cfg.dit.local_attn_size))) not in phases:
-            phases.append(slots)
-        dtype = resolve_dtype(self.cfg.dtype)
+    def condition_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the conditioning tensors a session consumes (what the encoder side produces)."""
         clip = self.cfg.clip
-        context = torch.zeros(1, 1 + (clip.image_size // clip.patch_size) ** 2, clip.dim, device=self.device,
-                              dtype=dtype)
-        session = self.open_session(context, seed=0, max_blocks=len(phases))
-        cond = torch.zeros(1, self.cfg.dit.in_dim - self.latent_shape[0], self.frames_per_block,
-                           *self.latent_shape[1:], device=self.device, dtype=dtype)
-        for _ in phases:
-            session.run_block(cond, self.action_space.idle_action())
-        session.close()
+        channels, height, width = self.latent_shape
+        return {"visual_context": (1, 1 + (int(clip.image_size) // int(clip.patch_size)) ** 2, int(self.cfg.dit.clip_dim)),
+                "cond_concat": (1, int(self.cfg.dit.in_dim) - channels, self.frames_per_block, height, width)}
+
+    def warm_up(self, blocks: int | None = None) -> float:
+        """Run a throwaway session on neutral conditioning so that lazy start-up work (CUDA context, kernel
+        selection, torch.compile) happens here and not in a user's first blocks. Returns the seconds it took.
+
+        By default it runs until the DiT's ring phases repeat (3 blocks at 3 frames per block, window 6): every
+        shape the compiled block loop takes, including the VAE decoder's first-latent cache shapes."""
+        start = time.perf_counter()
+        if blocks is None:
+            phases: list[RingSlots] = []
+            while (slots := RingSlots.of(len(phases) * self.frames_per_block, self.frames_per_block,
+                                         int(self.cfg.dit.local_attn_size))) not in phases:
+                phases.append(slots)
+            blocks = len(phases)
+        if blocks > 0:
+            dtype = resolve_dtype(self.cfg.dtype)
+            shapes = self.condition_shapes()
+            context = torch.zeros(shapes["visual_context"], device=self.device, dtype=dtype)
+            cond = torch.zeros(shapes["cond_concat"], device=self.device, dtype=dtype)
+            session = self.open_session(context, seed=0, max_blocks=blocks)
+            try:
+                for _ in range(blocks):
+                    session.run_block(cond, self.action_space.idle_action())
+            finally:
+                session.close()
         return time.perf_counter() - start
 
     @classmethod
