@@ -14,6 +14,16 @@ def golden_files() -> list[Path]:
     return sorted(GOLDEN_DIR.glob("*.safetensors"))
 
 
+def load_golden(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Tensors and decoded metadata of one golden file; skips the test when the shared goldens are absent."""
+    from worldstream.golden.cli import read_golden
+
+    path = GOLDEN_DIR / f"{kind}.safetensors"
+    if not path.exists():
+        pytest.skip(f"golden file {path} not available")
+    return read_golden(path)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,31 +1,18 @@
 """CLIP ViT-H/14 visual tower: golden parity, checkpoint key layout, batching of encode_video."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+from conftest import load_golden
 from worldstream.golden.clip import CHECKS
 from worldstream.models.clip import CLIPVisionTower, clip_visual_state_dict
-
-GOLDEN = Path("/work/shared/golden/clip_visual.safetensors")
 
 # Parameters of the `visual.*` tower of models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth:
 # patch 752,640 + cls 1,280 + pos 328,960 + pre_norm 2,560 + 32 x 19,677,440 per block + post_norm 2,560
 # + head 1,310,720.
 VIT_H14_VISUAL_PARAMS = 632_076_800
 VIT_H14_VISUAL_KEYS = 392
-
-
-def _decode(value: str) -> object:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def _tiny_tower(**overrides) -> CLIPVisionTower:
@@ -48,11 +35,8 @@ def _expected_vit_h14_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="golden vectors not available")
 def test_golden_parity():
-    tensors = load_file(GOLDEN)
-    with safe_open(GOLDEN, "pt") as f:
-        meta = {key: _decode(value) for key, value in f.metadata().items()}
+    tensors, meta = load_golden("clip_visual")
     results = CHECKS[meta["kind"]](tensors, meta)
     assert [name for name, _, _ in results] == ["intermediate.pixels", "output.visual_context"]
     for name, actual, expected in results:

@@ -1,17 +1,12 @@
 """Wan 2.1 VAE: golden parity (encode, streaming decode), checkpoint key layout, streaming equivalences."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import GOLDEN_DIR
+from conftest import load_golden
 from worldstream.engine.conditioning import CondConcatStream, preprocess_image
 from worldstream.golden.vae import CHECKS
 from worldstream.models.wan_vae import (VAEDecodeStream, VAEEncodeStream, WanVAEDecoder, WanVAEEncoder,
@@ -21,22 +16,6 @@ from worldstream.models.wan_vae import (VAEDecodeStream, VAEEncodeStream, WanVAE
 # ~40 KB of zip/pickle framing gives the published 507,609,880-byte file.
 WAN_VAE_PARAMS = 126_892_531
 WAN_VAE_DECODER_PARAMS = 73_295_603
-
-
-def _decode(value: str) -> object:
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
-
-
-def _load_golden(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    path = GOLDEN_DIR / f"{kind}.safetensors"
-    if not path.exists():
-        pytest.skip(f"golden file {path} not available")
-    with safe_open(str(path), "pt") as f:
-        meta = {key: _decode(value) for key, value in (f.metadata() or {}).items()}
-    return load_file(str(path)), meta
 
 
 def _assert_pairs_close(pairs) -> None:
@@ -60,14 +39,14 @@ def _random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------ goldens
 
 def test_golden_encode():
-    tensors, meta = _load_golden("wan_vae_encode")
+    tensors, meta = load_golden("wan_vae_encode")
     pairs = CHECKS["wan_vae_encode"](tensors, meta)
     assert {name for name, _, _ in pairs} >= {"output.clip_latents", "output.i2v_latents", "output.cond_concat"}
     _assert_pairs_close(pairs)
 
 
 def test_golden_stream_decode():
-    tensors, meta = _load_golden("wan_vae_stream_decode")
+    tensors, meta = load_golden("wan_vae_stream_decode")
     pairs = CHECKS["wan_vae_stream_decode"](tensors, meta)
     names = [name for name, _, _ in pairs]
     assert [n for n in names if n.endswith(".video")] == ["block0.video", "block1.video", "block2.video"]
@@ -76,7 +55,7 @@ def test_golden_stream_decode():
 
 
 def test_decode_stream_starts_empty_and_counts_frames():
-    tensors, meta = _load_golden("wan_vae_stream_decode")
+    tensors, meta = load_golden("wan_vae_stream_decode")
     decoder = WanVAEDecoder(**meta["vae_config"])
     decoder.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith(("vae.decoder.", "vae.conv2."))})
     stream = VAEDecodeStream(decoder.eval())
