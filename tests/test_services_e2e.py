@@ -1,8 +1,11 @@
 """End to end: client -> decoder service -> encoder service, as real processes on loopback, tiny config."""
 from __future__ import annotations
 
+import os
+import pty
 import subprocess
 import sys
+import time
 
 import av
 import pytest
@@ -108,3 +111,31 @@ def test_client_cli_writes_video(services, tmp_path):
     with av.open(str(out)) as container:
         frames = sum(1 for _ in container.decode(video=0))
     assert frames == 21
+
+
+@pytest.mark.parametrize("pacing", ["realtime", "lockstep"])
+def test_interactive_client_plays_from_a_terminal(services, tmp_path, pacing):
+    """`--interactive` reads raw keys from a (pseudo-)terminal; held keys become the blocks' actions."""
+    image = tmp_path / "first.png"
+    image.write_bytes(IMAGE)
+    out = tmp_path / "played.mp4"
+    leader, follower = pty.openpty()
+    client = subprocess.Popen([sys.executable, "-m", "worldstream.client", "--address", services.address,
+                               "--image", str(image), "--mode", "universal", "--interactive", "--pacing", pacing,
+                               "--blocks", "3", "--out", str(out), "--overlay"], cwd=REPO, stdin=follower,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(follower)
+    try:
+        deadline = time.monotonic() + 120
+        while client.poll() is None and time.monotonic() < deadline:
+            os.write(leader, b"w")  # like a held key's auto-repeat
+            time.sleep(0.05)
+        stdout, stderr = client.communicate(timeout=30)
+    finally:
+        os.close(leader)
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0, stderr
+    assert f"video: {out}" in stdout
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9 + 2 * 12
