@@ -44,7 +44,14 @@ class StageClock:
         else:
             self.marks.append((name, time.perf_counter()))
 
+    def wait(self) -> None:
+        """Wait until the last mark is reached on the device. Sessions share the device's stream, so this
+        waits for this block's work (and whatever was queued before it), never for work queued after it."""
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+
     def durations(self) -> dict[str, float]:
+        """Seconds between consecutive marks, named by the later one (call after `wait`)."""
         out = {}
         for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
             out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
@@ -199,8 +206,9 @@ class GenerationSession:
         index = self.block_index
         latents, video = self.generate(cond_concat, action, clock)
         with record_function("to_host"):
-            frames = video_to_uint8(video).cpu()  # the block's one sync: its frames are the output
+            frames = video_to_uint8(video).to("cpu", non_blocking=True)
         clock.mark("to_host")
+        clock.wait()  # the block's one sync: its frames are the output
         return BlockOutput(index, frames, latents, clock.durations())
 
     def close(self) -> None:
