@@ -17,7 +17,7 @@ def test_ten_blocks_write_a_playable_mp4(tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         assert stream.average_rate == 16
     assert len(frames) == 9 + 9 * 12
-    assert frames[0].shape == (96, 176, 3)
+    assert frames[0].shape == (288, 528, 3)  # 96x176, enlarged 3x for the overlay
 
 
 def test_profile_writes_nested_trace_tags(tmp_path):

@@ -39,7 +39,8 @@ def _encoder_available(codec: str) -> bool:
 class VideoWriter:
     """Writes uint8 RGB frames to an H.264 (yuv420p) MP4. Odd frame sizes are padded by one edge row/column
     (yuv420p needs even sizes). With `overlay`, frames written with an action get a HUD of that action in
-    `action_space`.
+    `action_space`; frames lower than HUD_MIN_HEIGHT are first enlarged by an integer factor (nearest
+    neighbour), so that the HUD covers a corner of a tiny config's frames rather than most of them.
     Falls back to MPEG-4 Part 2 (with a warning) if this PyAV build has no libx264; `codec` says which."""
 
     def __init__(self, path: str | os.PathLike, fps: int | Fraction = DEFAULT_FPS, crf: int = 18,
@@ -54,7 +55,8 @@ class VideoWriter:
         if not _encoder_available(self.codec):
             warnings.warn("PyAV has no libx264 encoder; writing MPEG-4 Part 2 ('mpeg4') instead", RuntimeWarning)
             self.codec = "mpeg4"
-        self.size: tuple[int, int] | None = None  # (height, width) as encoded
+        self.size: tuple[int, int] | None = None  # (height, width) as encoded, before any HUD enlargement
+        self.scale = 1  # HUD enlargement factor
         self.frames_written = 0
         self._container = None
         self._stream = None
@@ -67,10 +69,12 @@ class VideoWriter:
 
     def _open(self, height: int, width: int) -> None:
         self.size = (height + height % 2, width + width % 2)
+        if self.hud_space is not None:
+            self.scale = -(-HUD_MIN_HEIGHT // self.size[0])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._container = av.open(str(self.path), mode="w")
         stream = self._container.add_stream(self.codec, rate=self.fps)
-        stream.height, stream.width = self.size
+        stream.height, stream.width = self.size[0] * self.scale, self.size[1] * self.scale
         stream.pix_fmt = "yuv420p"
         if self.codec == "libx264":
             stream.options = {"crf": str(self.crf), "preset": "veryfast"}
@@ -97,6 +101,8 @@ class VideoWriter:
             hud_rows = _hud_rows(action, array.shape[0])
         for i, frame in enumerate(array):
             image = Image.fromarray(frame)
+            if self.scale > 1:
+                image = image.resize((image.width * self.scale, image.height * self.scale), Image.NEAREST)
             if hud_rows is not None:
                 draw_action_hud(image, self.hud_space, *hud_rows[i])
             video_frame = av.VideoFrame.from_image(image)
@@ -123,6 +129,7 @@ def _hud_rows(action: BlockAction, n_frames: int) -> list[tuple[list[float], lis
     return list(zip(keyboard, mouse))
 
 
+HUD_MIN_HEIGHT = 288  # the HUD is ~50 px high: keep it to a corner of the frame
 _HUD_BG = (0, 0, 0)
 _HUD_DIM = (150, 150, 150)
 _HUD_PRESSED = (255, 210, 0)
