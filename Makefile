@@ -9,7 +9,7 @@ CONFIG ?= mg2/universal_tiny
 BLOCKS ?= 10
 OUT ?= out/demo.mp4
 
-.PHONY: setup protos demo test golden batch bench-wire bench-loop clean
+.PHONY: setup protos lint-protos demo test golden batch bench-wire bench-loop clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 protos: setup
 	$(PY) -c "import worldstream.v1 as v1; v1.generate(force=True)"
+
+# buf lint of the worldstream.v1 protos (buf.yaml); needs node/npm for the buf binary.
+lint-protos:
+	npx --yes @bufbuild/buf lint
 
 # Both services + the client on the tiny CPU config; writes $(OUT).
 demo: setup

@@ -1,4 +1,4 @@
-"""Every error of the WorldSession API returns its gRPC status while another session on the same server goes on."""
+"""Every error of the WorldSessionService API returns its gRPC status while another session on the same server goes on."""
 from __future__ import annotations
 
 import math
@@ -60,7 +60,7 @@ def action(**fields) -> session_pb2.SessionRequest:
 def call_status(address: str, requests: list[session_pb2.SessionRequest]) -> grpc.RpcError:
     """Send `requests` (then half-close) and return the error the call must end with."""
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as channel:
-        responses = session_pb2_grpc.WorldSessionStub(channel).Stream(iter(requests), timeout=60)
+        responses = session_pb2_grpc.WorldSessionServiceStub(channel).Session(iter(requests), timeout=60)
         with pytest.raises(grpc.RpcError) as caught:
             for _ in responses:
                 pass

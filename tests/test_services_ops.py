@@ -48,7 +48,7 @@ def drop_client(address: str, how: int) -> None:
         gone.wait(30)  # never half-close
 
     channel = grpc.insecure_channel(address)
-    call = session_pb2_grpc.WorldSessionStub(channel).Stream(requests())
+    call = session_pb2_grpc.WorldSessionServiceStub(channel).Session(requests())
     try:
         for _ in range({0: 0, 1: 1, 2: 2, 3: 1}[how]):
             next(call)
@@ -118,8 +118,8 @@ def test_metrics_endpoints(services):
 
 
 def test_health_and_reflection(services):
-    for address, service in [(services.address, "worldstream.v1.WorldSession"),
-                             (services.encoder_address, "worldstream.v1.ConditionEncoder")]:
+    for address, service in [(services.address, "worldstream.v1.WorldSessionService"),
+                             (services.encoder_address, "worldstream.v1.ConditionEncoderService")]:
         assert health_status(address) == health_pb2.HealthCheckResponse.SERVING
         assert health_status(address, service) == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(address) as channel:

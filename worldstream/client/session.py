@@ -1,4 +1,4 @@
-"""Client library of the WorldSession API (synchronous, usable from scripts and tests).
+"""Client library of the WorldSessionService API (synchronous, usable from scripts and tests).
 
     result = run_session("127.0.0.1:50051", "assets/demo.png", "universal", actions, frame_encoding="raw")
     result.frames  # uint8 [N, H, W, 3]
@@ -120,9 +120,9 @@ class SessionStream:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
-            raise ConnectionError(f"no WorldSession server reachable at {address} within {connect_timeout:g} s"
+            raise ConnectionError(f"no WorldSessionService server reachable at {address} within {connect_timeout:g} s"
                                   ) from None
-        self._call = session_pb2_grpc.WorldSessionStub(self._channel).Stream(self._request_stream(), timeout=timeout)
+        self._call = session_pb2_grpc.WorldSessionServiceStub(self._channel).Session(self._request_stream(), timeout=timeout)
         try:
             first = next(self._call)
             if first.WhichOneof("response") != "info":

@@ -1,1 +1,1 @@
-"""Decoder service (`python -m worldstream.decoder`): the public WorldSession API over the engine's block loop."""
+"""Decoder service (`python -m worldstream.decoder`): the public WorldSessionService API over the engine's block loop."""

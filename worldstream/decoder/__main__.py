@@ -1,4 +1,4 @@
-"""Run the decoder service (the public WorldSession API):
+"""Run the decoder service (the public WorldSessionService API):
 
     python -m worldstream.decoder --config mg2/universal_tiny --port 50051 --metrics-port 9451 \
         --encoder-address 127.0.0.1:50061 --max-sessions 4 --idle-timeout 60 [--profile-dir out/profiles]
@@ -58,7 +58,7 @@ async def serve(args) -> None:
                              frame_workers=args.frame_workers, profile_dir=args.profile_dir)
     service = WorldSessionService(cfg, manager, metrics, args.warmup_blocks)
     server = grpc.aio.server(options=server_options(args.max_message_bytes))
-    session_pb2_grpc.add_WorldSessionServicer_to_server(service, server)
+    session_pb2_grpc.add_WorldSessionServiceServicer_to_server(service, server)
     health = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, args.host, args.port)
     await server.start()

@@ -1,4 +1,4 @@
-"""The decoder service: `worldstream.v1.WorldSession` over the engine's DecoderModels, fed by the encoder service."""
+"""The decoder service: `worldstream.v1.WorldSessionService` over the engine's DecoderModels, fed by the encoder service."""
 from __future__ import annotations
 
 import asyncio
@@ -14,10 +14,10 @@ from .sessions import SessionManager
 
 log = logging.getLogger("worldstream.decoder")
 
-SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["WorldSession"].full_name
+SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["WorldSessionService"].full_name
 
 
-class WorldSessionService(session_pb2_grpc.WorldSessionServicer):
+class WorldSessionService(session_pb2_grpc.WorldSessionServiceServicer):
     def __init__(self, cfg, manager: SessionManager, metrics: ServiceMetrics, warmup_blocks: int | None = None):
         self.cfg = cfg
         self.manager = manager
@@ -34,5 +34,5 @@ class WorldSessionService(session_pb2_grpc.WorldSessionServicer):
         log_event(log, "models loaded", mode=models.mode, device=str(models.device), max_blocks=models.max_blocks,
                   warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))
 
-    async def Stream(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await run_call(self.manager.stream(request_iterator, context), context, self.metrics, log, "Stream")
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await run_call(self.manager.stream(request_iterator, context), context, self.metrics, log, "Session")

@@ -186,7 +186,7 @@ class SessionManager:
             await session.inbox.interrupt()
 
     async def stream(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        """The body of one WorldSession.Stream call."""
+        """The body of one WorldSessionService.Session call."""
         if self.models is None or self.terminating:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decoder is loading its models or shutting down; "
                                                             "retry shortly")

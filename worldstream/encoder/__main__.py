@@ -40,7 +40,7 @@ async def serve(args) -> None:
                                       idle_timeout=args.idle_timeout, warmup_blocks=args.warmup_blocks,
                                       profile_dir=args.profile_dir)
     server = grpc.aio.server(options=server_options(args.max_message_bytes))
-    encoder_pb2_grpc.add_ConditionEncoderServicer_to_server(service, server)
+    encoder_pb2_grpc.add_ConditionEncoderServiceServicer_to_server(service, server)
     health = await add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, args.host, args.port)
     await server.start()

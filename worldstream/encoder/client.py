@@ -38,7 +38,7 @@ class EncoderClient:
         self.request_timeout = request_timeout
         self.window = window
         self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = encoder_pb2_grpc.ConditionEncoderStub(self._channel)
+        self._stub = encoder_pb2_grpc.ConditionEncoderServiceStub(self._channel)
 
     async def open(self, session_id: str, mode: str, image: bytes, height: int, width: int, max_blocks: int
                    ) -> ConditionFeed:

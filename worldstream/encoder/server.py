@@ -1,4 +1,4 @@
-"""The condition-encoder service: `worldstream.v1.ConditionEncoder` over the engine's EncoderModels.
+"""The condition-encoder service: `worldstream.v1.ConditionEncoderService` over the engine's EncoderModels.
 
 Each `Encode` stream is one decoder session. Its model work (image decode, CLIP, VAE encode, host copies) runs on
 the stream's own worker thread, never on the event loop; a stream computes its blocks in order, at most
@@ -25,11 +25,11 @@ from ..wire import pack_tensor
 
 log = logging.getLogger("worldstream.encoder")
 
-SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoder"].full_name
+SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoderService"].full_name
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServicer):
+class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
     def __init__(self, cfg: Any, metrics: ServiceMetrics, *, max_streams: int = 64, prefetch: int = 2,
                  idle_timeout: float = 300.0, warmup_blocks: int = 2, profile_dir: Path | None = None):
         if prefetch < 0 or max_streams < 1:
