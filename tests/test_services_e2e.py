@@ -1,6 +1,7 @@
 """End to end: client -> decoder service -> encoder service, as real processes on loopback, tiny config."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pty
 import subprocess
@@ -40,11 +41,11 @@ def reference_actions(n_blocks: int):
     return actions[:n_blocks]
 
 
-def batch_frames(actions) -> list[torch.Tensor]:
+def batch_frames(actions, seed: int = SEED) -> list[torch.Tensor]:
     """What the engine produces in-process for the same config, image, seed and actions."""
     cfg = load_config(CONFIG)
     conditioning = EncoderModels.build(cfg).open_session(load_image(IMAGE))
-    session = DecoderModels.build(cfg).open_session(conditioning.visual_context, seed=SEED, max_blocks=len(actions))
+    session = DecoderModels.build(cfg).open_session(conditioning.visual_context, seed=seed, max_blocks=len(actions))
     try:
         return [session.run_block(conditioning.next_block(), action).frames for action in actions]
     finally:
@@ -68,6 +69,19 @@ def test_stream_equals_batch_engine(services):
     expected = batch_frames(actions)
     for b, (block, frames) in enumerate(zip(result.blocks, expected)):
         assert torch.equal(block.frames, frames), f"block {b} differs from the in-process engine"
+
+
+def test_concurrent_sessions_are_independent(services):
+    """Sessions running at the same time on one decoder each give exactly their own seed's frames."""
+    actions = reference_actions(2)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = {seed: pool.submit(run_session, services.address, IMAGE, "universal", actions, seed=seed,
+                                  frame_encoding="raw") for seed in (SEED + 1, SEED + 2)}
+        results = {seed: run.result(timeout=300) for seed, run in runs.items()}
+    for seed, result in results.items():
+        for b, (block, frames) in enumerate(zip(result.blocks, batch_frames(actions, seed))):
+            assert torch.equal(block.frames, frames), f"seed {seed}, block {b} differs from a session run alone"
+    assert not torch.equal(results[SEED + 1].frames, results[SEED + 2].frames)
 
 
 def test_jpeg_realtime_session(services):
