@@ -81,14 +81,3 @@ class DiTCaches:
 
     def release(self) -> None:
         self.layers.clear()
-
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            for cache in (layer.self_attn, layer.mouse, layer.keyboard):
-                if cache is not None:
-                    total += cache.k.nbytes + cache.v.nbytes
-            for t in (layer.cross_k, layer.cross_v):
-                if t is not None:
-                    total += t.nbytes
-        return total
