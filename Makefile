@@ -13,16 +13,18 @@ OUT ?= out/demo.mp4
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Both distributions, editable: client/ (worldstream-client) and services/ (worldstream-services, which needs
+# the client). Installing the client generates the worldstream.v1 modules from protos/.
+$(VENV)/.installed: client/pyproject.toml client/setup.py services/pyproject.toml $(wildcard protos/worldstream/v1/*.proto)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
-	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -c "import worldstream.v1 as v1; v1.generate(force=True)"
+	$(PY) -m pip install -q -e ./client -e './services[test]'
 	touch $@
 
+# Regenerate the worldstream.v1 modules after editing protos/ (setup does it when a .proto is newer).
 protos: setup
-	$(PY) -c "import worldstream.v1 as v1; v1.generate(force=True)"
+	$(PY) -m pip install -q --no-deps -e ./client
 
 # buf lint of the worldstream.v1 protos (buf.yaml); needs node/npm for the buf binary.
 lint-protos:
@@ -48,4 +50,4 @@ bench-loop: setup
 	$(PY) benchmarks/block_loop.py --config $(CONFIG)
 
 clean:
-	rm -rf $(VENV) out build *.egg-info worldstream/v1/*_pb2*.py*
+	rm -rf $(VENV) out build client/build services/build */*.egg-info client/worldstream/v1/*_pb2*.py*

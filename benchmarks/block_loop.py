@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
-from worldstream.actions import benchmark_trajectory, split_track
+from worldstream.api.actions import benchmark_trajectory, split_track
 from worldstream.engine.config import load_config
 from worldstream.engine.encoder import EncoderModels
 from worldstream.engine.generator import DecoderModels

@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from worldstream.launch import REPO, ServiceProcess, ServiceStack, free_port
+from conftest import REPO
+from worldstream.launch import ServiceProcess, ServiceStack, free_port
 
 CONFIG = "mg2/universal_tiny"
 # For tests where frame content does not matter: the tiny config with a smaller frame keeps blocks fast.

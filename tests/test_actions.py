@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import GOLDEN_DIR
 
-from worldstream.actions import (ACTION_SPACES, BENCHMARK_ACTIONS, BlockAction, ActionTrack, benchmark_trajectory,
+from worldstream.api.actions import (ACTION_SPACES, BENCHMARK_ACTIONS, BlockAction, ActionTrack, benchmark_trajectory,
                                  block_span, get_action_space, load_trajectory, save_trajectory, split_track,
                                  track_rows)
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from worldstream.actions import ACTION_SPACES, split_track, benchmark_trajectory, track_rows
-from worldstream.media import VideoWriter, decode_jpeg, encode_jpeg, load_image
+from worldstream.api.actions import ACTION_SPACES, split_track, benchmark_trajectory, track_rows
+from worldstream.client.video import VideoWriter, decode_jpeg
+from worldstream.media import encode_jpeg, load_image
 
 
 def decode_mp4(path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service_harness import CONFIG, REPO, png_bytes, running_services
-from worldstream.actions import benchmark_trajectory, get_action_space, split_track
+from worldstream.api.actions import benchmark_trajectory, get_action_space, split_track
 from worldstream.client import SessionStream, run_session, start_request
 from worldstream.engine.config import load_config
 from worldstream.engine.encoder import EncoderModels

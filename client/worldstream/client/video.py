@@ -1,7 +1,4 @@
-"""Frames in and out: MP4 writing (PyAV) with an optional action HUD, JPEG and images.
-
-Everything here runs on host frames after the block's `to_host` stage; nothing is on the GPU hot path.
-"""
+"""MP4 writing (PyAV) with an optional action HUD, and JPEG frame decoding, for clients."""
 from __future__ import annotations
 
 import io
@@ -15,10 +12,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from .actions import ActionSpace, BlockAction
+from worldstream.api.actions import ActionSpace, BlockAction
 
 DEFAULT_FPS = 16
-MAX_IMAGE_PIXELS = 40_000_000  # uploads larger than this are refused before decoding
 
 
 def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -161,40 +157,10 @@ def draw_action_hud(image: Image.Image, space: ActionSpace, keyboard: list[float
         draw.text((name_width + 4, 2 + 2 * gauge), f"{mouse[0]:+.2f},{mouse[1]:+.2f}", fill=_HUD_DIM, font=font)
 
 
-# ---- JPEG and image loading -------------------------------------------------------------------------------
-
-def encode_jpeg(frame: torch.Tensor | np.ndarray, quality: int = 85) -> bytes:
-    """uint8 RGB frame [H, W, 3] -> JPEG bytes."""
-    if not 1 <= quality <= 100:
-        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
-    array = _as_frames(frame[None])[0]
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 def decode_jpeg(data: bytes) -> torch.Tensor:
-    """JPEG (or any image) bytes -> uint8 RGB frame [H, W, 3] (ValueError if undecodable)."""
-    return torch.from_numpy(np.array(load_image(data)))
-
-
-def load_image(source: str | os.PathLike | bytes | bytearray | memoryview,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image file or encoded bytes to an RGB PIL image. Undecodable, truncated or oversized
-    (> max_pixels) input raises ValueError."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        what, opened = f"image bytes ({len(source)} B)", io.BytesIO(bytes(source))
-    else:
-        what, opened = f"image file {os.fspath(source)!r}", source
+    """JPEG bytes -> uint8 RGB frame [H, W, 3] (ValueError if undecodable)."""
     try:
-        with Image.open(opened) as image:
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"{what}: {image.width}x{image.height} exceeds the limit of {max_pixels} pixels")
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"{what}: not a decodable image ({e})") from None
-    except OSError as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"{what}: not a decodable image ({e})") from None
+        with Image.open(io.BytesIO(data)) as image:
+            return torch.from_numpy(np.array(image.convert("RGB")))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"frame bytes ({len(data)} B): not a decodable JPEG ({e})") from None

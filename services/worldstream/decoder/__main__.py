@@ -15,7 +15,7 @@ import grpc
 from ..encoder.client import EncoderClient
 from ..service_common import (ServiceMetrics, add_health_and_reflection, base_arg_parser, bind, configure_logging,
                               load_service_config, log_event, mark_serving, serve_until_terminated, server_options)
-from ..v1 import session_pb2_grpc
+from worldstream.v1 import session_pb2_grpc
 from .server import SERVICE_NAME, WorldSessionService
 from .sessions import SessionManager
 

@@ -13,7 +13,7 @@ import grpc
 import torch
 
 from ..service_common import ServiceError, ServiceMetrics, status_from_rpc_error, within
-from ..v1 import encoder_pb2, encoder_pb2_grpc
+from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import DEFAULT_MAX_CHUNK_BYTES, TensorAssembler, WireFormatError
 
 _CHANNEL_OPTIONS = [

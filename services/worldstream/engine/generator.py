@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.profiler import record_function
 
-from ..actions import ACTION_SPACES, ActionSpace, ActionTrack, BlockAction
+from worldstream.api.actions import ACTION_SPACES, ActionSpace, ActionTrack, BlockAction
 from ..models.kv_cache import RingSlots
 from ..models.wan_vae import VAEDecodeStream, WanVAEDecoder, split_vae_state_dict
 from .block_loop import BlockDenoiser, GaussianNoise, NoiseSource

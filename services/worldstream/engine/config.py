@@ -2,7 +2,8 @@
 
 A file may name parents with `inherit: <path>` or `inherit: [<path>, ...]` (relative to itself); they are
 merged in order and the file itself last. Configs are
-addressed by name (`mg2/universal_tiny`, resolved under the repository's `configs/` folder) or by path.
+addressed by name (`mg2/universal_tiny`, resolved under the package's `configs/`: the repository's top-level folder,
+shipped in the wheel as package data) or by path.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
 def config_path(name_or_path: str) -> Path:

@@ -9,7 +9,7 @@ import grpc
 
 from ..engine.generator import DecoderModels
 from ..service_common import ServiceMetrics, log_event, run_call
-from ..v1 import session_pb2, session_pb2_grpc
+from worldstream.v1 import session_pb2, session_pb2_grpc
 from .sessions import SessionManager
 
 log = logging.getLogger("worldstream.decoder")

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from .engine.config import load_config
+from .engine.config import CONFIG_ROOT, load_config
 from .healthcheck import serving_status
 
-REPO = Path(__file__).resolve().parents[1]
+DEMO_IMAGE = Path(__file__).resolve().parent / "assets" / "demo.png"
 LOOPBACK = "127.0.0.1"
 
 
@@ -37,7 +37,7 @@ class ServiceProcess:
     def start(self, port: int, startup_timeout: float) -> "ServiceProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", f"worldstream.{self.name}", *self.args], cwd=REPO,
+            self.process = subprocess.Popen([sys.executable, "-m", f"worldstream.{self.name}", *self.args],
                                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=log,
                                             stderr=subprocess.STDOUT)
         self.wait_serving(f"{LOOPBACK}:{port}", startup_timeout)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worldstream.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="mg2/universal_tiny")
     parser.add_argument("--blocks", type=int, default=10)
-    parser.add_argument("--image", type=Path, default=REPO / "assets" / "demo.png")
+    parser.add_argument("--image", type=Path, default=DEMO_IMAGE)
     parser.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from .client.__main__ import main as client_main
 
     mode = str(load_config(args.config, args.overrides).mode)
-    demo = REPO / "configs" / "trajectories" / f"{mode}_demo.json"
+    demo = CONFIG_ROOT / "trajectories" / f"{mode}_demo.json"
     source = ["--trajectory", str(demo)] if demo.exists() else ["--benchmark"]
     log_dir = args.out.parent / "logs"
     print(f"starting the encoder and decoder services ({args.config}); logs in {log_dir}/", flush=True)

@@ -20,10 +20,10 @@ import grpc
 import torch
 from PIL import Image
 
-from ..actions import BlockAction, get_action_space
-from ..decoder.actions import action_message, parse_action
-from ..media import decode_jpeg
-from ..v1 import session_pb2, session_pb2_grpc
+from worldstream.api.actions import BlockAction, get_action_space
+from worldstream.api.messages import action_message, parse_action
+from .video import decode_jpeg
+from worldstream.v1 import session_pb2, session_pb2_grpc
 
 FRAME_ENCODINGS = {"jpeg": session_pb2.FRAME_ENCODING_JPEG, "raw": session_pb2.FRAME_ENCODING_RAW_RGB}
 PACINGS = {"lockstep": session_pb2.PACING_LOCKSTEP, "realtime": session_pb2.PACING_REALTIME}

@@ -22,14 +22,14 @@ import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..actions import ACTION_SPACES, BlockAction, block_pixel_frames
+from worldstream.api.actions import ACTION_SPACES, BlockAction, block_pixel_frames
 from ..encoder.client import ConditionFeed, EncoderClient
 from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
 from ..media import encode_jpeg
 from ..service_common import (ServiceError, ServiceMetrics, StreamProfiler, WorkerLane, first_request, log_event,
                               run_together, within, write_with_timeout)
-from ..v1 import session_pb2
-from .actions import action_space_message, parse_action
+from worldstream.v1 import session_pb2
+from worldstream.api.messages import action_space_message, parse_action
 
 log = logging.getLogger("worldstream.decoder")
 

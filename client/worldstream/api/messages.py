@@ -2,8 +2,8 @@
 (validating what clients send) and the client (building what it sends). Light: no model code."""
 from __future__ import annotations
 
-from ..actions import ActionSpace, BlockAction, block_pixel_frames
-from ..v1 import session_pb2
+from worldstream.api.actions import ActionSpace, BlockAction, block_pixel_frames
+from worldstream.v1 import session_pb2
 
 
 def parse_action(message: session_pb2.Action, space: ActionSpace, block_index: int | None,

@@ -1,6 +1,6 @@
 """Batch front-end: image + action trajectory -> mp4, in one process, through the same block loop the services run.
 
-    worldstream-batch --config mg2/universal_tiny --image assets/demo.png --blocks 10 --out out/demo.mp4 --overlay
+    worldstream-batch --config mg2/universal_tiny --blocks 10 --out out/demo.mp4 --overlay
     worldstream-batch --config mg2/universal --benchmark --blocks 50 --profile out/trace.json
 
 `--profile` writes a Chrome trace (chrome://tracing, Perfetto) with nested tags: conditioning per block,
@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .actions import BlockAction, planned_actions
+from worldstream.api.actions import BlockAction, planned_actions
+from worldstream.client.video import VideoWriter
+
 from .engine.config import load_config
 from .engine.encoder import EncoderModels
 from .engine.generator import DecoderModels
-from .media import VideoWriter, load_image
-
-DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
+from .launch import DEMO_IMAGE
+from .media import load_image
 
 
 def generate(config: str, image_path: Path, actions: list[BlockAction], out: Path, seed: int, overlay: bool,

@@ -20,7 +20,7 @@ from ..engine.encoder import EncoderModels
 from ..media import load_image
 from ..service_common import (ServiceError, ServiceMetrics, StreamProfiler, WorkerLane, first_request, log_event,
                               run_call, run_together, within, write_with_timeout)
-from ..v1 import encoder_pb2, encoder_pb2_grpc
+from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import pack_tensor
 
 log = logging.getLogger("worldstream.encoder")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from ..actions import ACTION_SPACES, get_action_space, planned_actions
-from ..media import VideoWriter
+from worldstream.api.actions import ACTION_SPACES, get_action_space, planned_actions
+from .video import VideoWriter
 from .interactive import KeyboardActions, TerminalKeys
 from .session import ReceivedBlock, SessionResult, SessionStream, run_session, start_request
 

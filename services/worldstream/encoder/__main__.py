@@ -12,7 +12,7 @@ import grpc
 
 from ..service_common import (ServiceMetrics, add_health_and_reflection, base_arg_parser, bind, configure_logging,
                               load_service_config, log_event, mark_serving, serve_until_terminated, server_options)
-from ..v1 import encoder_pb2_grpc
+from worldstream.v1 import encoder_pb2_grpc
 from .server import SERVICE_NAME, ConditionEncoderService
 
 log = logging.getLogger("worldstream.encoder")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..actions import ActionTrack
+from worldstream.api.actions import ActionTrack
 from ..engine.block_loop import BlockDenoiser
 from ..engine.scheduler import FlowMatchSchedule
 from ..models.causal_wan import ActionConfig, CausalWanModel, DiTConfig
