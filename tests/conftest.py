@@ -6,12 +6,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("WORLDSTREAM_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+# CI sets this: missing golden files are then a failure, never a silent skip.
+REQUIRE_GOLDEN = os.environ.get("WORLDSTREAM_REQUIRE_GOLDEN") == "1"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def golden_files() -> list[Path]:
-    return sorted(GOLDEN_DIR.glob("*.safetensors"))
+    files = sorted(GOLDEN_DIR.glob("*.safetensors"))
+    if not files and REQUIRE_GOLDEN:
+        raise RuntimeError(f"WORLDSTREAM_REQUIRE_GOLDEN=1 but there are no golden files in {GOLDEN_DIR}")
+    return files
 
 
 def load_golden(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
@@ -20,6 +25,8 @@ def load_golden(kind: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
 
     path = GOLDEN_DIR / f"{kind}.safetensors"
     if not path.exists():
+        if REQUIRE_GOLDEN:
+            pytest.fail(f"WORLDSTREAM_REQUIRE_GOLDEN=1 but golden file {path} is missing")
         pytest.skip(f"golden file {path} not available")
     return read_golden(path)
 
