@@ -21,6 +21,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # Spread Encode streams over every address the target resolves to (e.g. `dns:///encoder:50052`, a headless
+    # Service listing each encoder pod); the default pick_first would pin every session to one encoder.
+    ("grpc.lb_policy_name", "round_robin"),
     ("grpc.max_receive_message_length", 4 * DEFAULT_MAX_CHUNK_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
