@@ -24,6 +24,7 @@ CHECK_MODULES = {
     "mg2_dit_blocks": "dit", "mg2_gta_drive": "dit", "mg2_templerun": "dit",
     "wan_vae_encode": "vae", "wan_vae_stream_decode": "vae",
     "clip_visual": "clip",
+    "umt5_encoder": "umt5",
 }
 
 
