@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import load_golden
-from worldstream.engine.conditioning import CondConcatStream, preprocess_image
+from worldstream.engine.conditioning import CondConcatStream, SteadyCondConcat, image_free_block, preprocess_image
+from worldstream.engine.config import load_config
 from worldstream.golden.vae import CHECKS
 from worldstream.models.wan_vae import (VAEDecodeStream, VAEEncodeStream, WanVAEDecoder, WanVAEEncoder,
                                         split_vae_state_dict)
@@ -140,6 +141,46 @@ def test_cond_concat_stream_equals_whole_video_encode():
         assert block.shape == (1, 20, per_block, 2, 2)
         assert torch.equal(block, expected[:, :, b * per_block:(b + 1) * per_block]), b
     assert stream.block_index == blocks
+
+
+def test_image_leaves_the_encoder_receptive_field_at_latent_29():
+    """Wan 2.1 encoder: 9 causal 3-frame convs at full rate (frame 0 reaches frame 18), stride-2 time conv (half
+    frame 10), 4 convs (18), stride-2 time conv (quarter frame 10), 9 convs: latents 0..28 see the image."""
+    vae = dict(load_config("mg2/universal").vae)
+    assert image_free_block(vae, frames_per_block=1) == 29
+    assert image_free_block(vae, frames_per_block=3) == 10  # block 9 = latents 27..29
+    assert image_free_block(vae, frames_per_block=4) == 8
+
+
+def test_cond_concat_is_the_same_for_every_image_from_the_image_free_block():
+    """Exact (bitwise) equality at the full config's depth: blocks >= 10 are equal across images and blocks."""
+    encoder = _random_(WanVAEEncoder(**{**dict(load_config("mg2/universal").vae), "dim": 4}), seed=5)
+    steady = image_free_block(dict(load_config("mg2/universal").vae), 3)
+    runs = []
+    for seed in (6, 7):
+        image = torch.rand(1, 3, 8, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        stream = CondConcatStream(encoder, image, frames_per_block=3)
+        runs.append([stream.next_block() for _ in range(steady + 3)])
+    first, second = runs
+    assert not torch.equal(first[0], second[0])
+    for b in range(steady, steady + 3):
+        assert torch.equal(first[b], second[b]) and torch.equal(first[b], first[steady]), b
+
+
+def test_steady_cond_concat_is_computed_once_and_shared():
+    encoder = _random_(WanVAEEncoder(dim=4), seed=8)
+    images = [torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (9, 10)]
+    steady = SteadyCondConcat(image_free_block({"dim": 4}, 3))
+    plain = CondConcatStream(encoder, images[0], frames_per_block=3)
+    expected = [plain.next_block() for _ in range(steady.block + 2)]
+    filling = CondConcatStream(encoder, images[0], frames_per_block=3, steady=steady)
+    assert all(torch.equal(filling.next_block(), e) for e in expected)
+    assert steady.value is not None and filling._stream is None  # caches dropped once the steady block is known
+
+    reusing = CondConcatStream(encoder, images[1], frames_per_block=3, steady=steady)
+    blocks = [reusing.next_block() for _ in range(steady.block + 2)]
+    assert blocks[steady.block] is steady.value and blocks[-1] is steady.value
+    assert reusing.block_index == steady.block + 2
 
 
 def test_decode_in_blocks_matches_one_call():
