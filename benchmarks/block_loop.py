@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
-from worldstream.api.actions import benchmark_trajectory, split_track
+from worldstream.api.benchmark import benchmark_trajectory
+from worldstream.api.trajectory import split_track
 from worldstream.engine.config import load_config
 from worldstream.engine.encoder import EncoderModels
 from worldstream.engine.generator import DecoderModels
@@ -58,8 +59,8 @@ def main() -> None:
     warm_up_s = decoder.warm_up() if cfg.compile else 0.0  # compiles every shape of the loop
     image = Image.new("RGB", (int(cfg.video.width), int(cfg.video.height)), (90, 120, 160))
     blocks = args.blocks + bool(args.profile)
-    keyboard, mouse = benchmark_trajectory(str(cfg.mode), 12 * blocks - 3, seed=0)
-    all_actions = split_track(keyboard, mouse)
+    keyboard, mouse = benchmark_trajectory(decoder.action_space, decoder.layout.track_frames(blocks), seed=0)
+    all_actions = split_track(decoder.layout, keyboard, mouse)
     actions = all_actions[:args.blocks]
 
     def sync() -> None:
@@ -95,7 +96,7 @@ def main() -> None:
     steady = rows[2:] or rows
     med = {s: statistics.median(r[s] for r in steady) for s in stages}
     print("median (blocks >= 2) | " + " | ".join(f"{med[s] * 1000:.1f}" for s in stages) +
-          f" | 12 | {12 / med['block']:.1f}")
+          f" | {decoder.layout.block_frames} | {decoder.layout.block_frames / med['block']:.1f}")
     if args.profile:  # one more block, outside the timed ones
         cond = conditioning.next_block()
         with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:

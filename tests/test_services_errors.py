@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from service_harness import SMALL_FRAMES, free_port, metric_value, png_bytes, running_services, start_decoder, wait_for
-from worldstream.api.actions import get_action_space
+from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, start_request
 from worldstream.client.session import MAX_RECEIVE_BYTES
 from worldstream.v1 import session_pb2, session_pb2_grpc

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the encoder and decoder services ({args.config}); logs in {log_dir}/", flush=True)
     with ServiceStack(args.config, log_dir, args.overrides) as stack:
         print(f"encoder {stack.encoder_address}, decoder {stack.address}", flush=True)
-        return client_main(["--address", stack.address, "--image", str(args.image), "--mode", mode, *source,
+        return client_main(["play", "--address", stack.address, "--image", str(args.image), *source,
                             "--blocks", str(args.blocks), "--out", str(args.out), "--overlay"])  # prints the path
 
 

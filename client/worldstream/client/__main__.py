@@ -1,9 +1,11 @@
-"""Streaming client: play a session against a decoder service and write the video.
+"""worldstream-client: play sessions of a world model served by a decoder service.
 
-    python -m worldstream.client --address 127.0.0.1:50051 --image assets/demo.png --mode universal \
-        --benchmark --blocks 10 --out out/session.mp4 [--overlay] [--raw] [--pacing lockstep|realtime]
-    python -m worldstream.client ... --trajectory traj.json
-    python -m worldstream.client ... --interactive          # W/A/S/D move, I/J/K/L look, Esc quits
+    worldstream-client play --address 127.0.0.1:50051 --image my.png --benchmark --blocks 10 \
+        --out out/session.mp4 [--overlay] [--raw] [--pacing lockstep|realtime]
+    worldstream-client play ... --trajectory universal_demo     # a bundled trajectory, or a .json path
+    worldstream-client play ... --interactive                   # W/A/S/D move, I/J/K/L look, Esc quits
+
+The mode, its action space, the frame size and the frame rate come from the server's `SessionInfo`.
 """
 from __future__ import annotations
 
@@ -15,36 +17,57 @@ from pathlib import Path
 
 import grpc
 
-from worldstream.api.actions import ACTION_SPACES, get_action_space, planned_actions
-from .video import VideoWriter
+from worldstream.api.trajectory import parse_trajectory, planned_actions, read_trajectory
 from .interactive import KeyboardActions, TerminalKeys
-from .session import ReceivedBlock, SessionResult, SessionStream, run_session, start_request
+from .session import ReceivedBlock, SessionResult, SessionStream, start_request
+from .video import VideoWriter, import_av
+
+BUNDLED_TRAJECTORIES = Path(__file__).resolve().parent / "trajectories"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m worldstream.client", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--address", default="127.0.0.1:50051", help="decoder service host:port")
-    parser.add_argument("--image", type=Path, required=True, help="first frame (PNG/JPEG)")
-    parser.add_argument("--mode", default="universal", choices=sorted(ACTION_SPACES), help="the server's mode")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--trajectory", type=Path, help="trajectory JSON file (worldstream.trajectory.v1)")
+    parser = argparse.ArgumentParser(prog="worldstream-client", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    play = commands.add_parser("play", help="stream a session and write its video",
+                               description="Stream a session from a decoder service and write its video.")
+    play.set_defaults(run=run_play)
+    play.add_argument("--address", default="127.0.0.1:50051", help="decoder service host:port")
+    play.add_argument("--image", type=Path, required=True, help="first frame (PNG/JPEG)")
+    source = play.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trajectory", help="trajectory JSON file (worldstream.trajectory.v1) or the name of a "
+                                             f"bundled one ({', '.join(bundled_trajectories())})")
     source.add_argument("--benchmark", action="store_true", help="the mode's reference benchmark trajectory")
     source.add_argument("--interactive", action="store_true", help="play with the keyboard in this terminal")
-    parser.add_argument("--blocks", type=int, default=10, help="blocks to generate (9 frames, then 12 each)")
-    parser.add_argument("--out", type=Path, default=Path("out/session.mp4"), help="video to write")
-    parser.add_argument("--overlay", action="store_true", help="draw the applied action on the frames")
-    parser.add_argument("--raw", action="store_true", help="receive lossless raw RGB frames instead of JPEG")
-    parser.add_argument("--jpeg-quality", type=int, default=0, help="JPEG quality 1-100 (0 = server default)")
-    parser.add_argument("--pacing", choices=("lockstep", "realtime"), default=None,
-                        help="default: lockstep, realtime for --interactive")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed of the session")
-    parser.add_argument("--benchmark-seed", type=int, default=0, help="seed of the benchmark trajectory")
-    parser.add_argument("--window", type=int, default=2, help="LOCKSTEP actions kept in flight")
+    play.add_argument("--blocks", type=int, default=10, help="blocks to generate")
+    play.add_argument("--out", type=Path, default=Path("out/session.mp4"), help="video to write")
+    play.add_argument("--overlay", action="store_true", help="draw the applied action on the frames")
+    play.add_argument("--raw", action="store_true", help="receive lossless raw RGB frames instead of JPEG")
+    play.add_argument("--jpeg-quality", type=int, default=0, help="JPEG quality 1-100 (0 = server default)")
+    play.add_argument("--pacing", choices=("lockstep", "realtime"), default=None,
+                      help="default: lockstep, realtime for --interactive")
+    play.add_argument("--seed", type=int, default=0, help="noise seed of the session")
+    play.add_argument("--benchmark-seed", type=int, default=0, help="seed of the benchmark trajectory")
+    play.add_argument("--window", type=int, default=2, help="LOCKSTEP actions kept in flight")
     args = parser.parse_args(argv)
     if args.blocks < 1:
-        parser.error("--blocks must be at least 1")
+        play.error("--blocks must be at least 1")
     args.pacing = args.pacing or ("realtime" if args.interactive else "lockstep")
     return args
+
+
+def bundled_trajectories() -> list[str]:
+    return sorted(path.stem for path in BUNDLED_TRAJECTORIES.glob("*.json"))
+
+
+def trajectory_path(name: str) -> Path:
+    """A trajectory file given as a path or as the name of a bundled one."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_TRAJECTORIES / f"{name}.json"
+    if bundled.is_file():
+        return bundled
+    raise ValueError(f"no trajectory file {name!r}: give a path or a bundled name ({', '.join(bundled_trajectories())})")
 
 
 class Progress:
@@ -70,90 +93,95 @@ class Progress:
         sys.stderr.flush()
 
 
-def play_interactive(args: argparse.Namespace, writer: VideoWriter) -> SessionResult:
-    space = get_action_space(args.mode)
-    start = start_request(args.image, args.mode, seed=args.seed, max_blocks=args.blocks,
-                          frame_encoding="raw" if args.raw else "jpeg", jpeg_quality=args.jpeg_quality,
-                          pacing=args.pacing)
-    print(f"keys: {space.key_help()}; Esc quits", file=sys.stderr)
-    with TerminalKeys() as keys, SessionStream(args.address, start) as stream:
-        controls = KeyboardActions(space, keys)
-        result = SessionResult(stream.info, started_at=stream.started_at)
-        progress = Progress(stream.info.max_blocks, stream.started_at)
-        stop = threading.Event()
+def play_interactive(stream: SessionStream, controls: KeyboardActions, writer: VideoWriter) -> SessionResult:
+    print(f"keys: {stream.space.key_help()}; Esc quits", file=sys.stderr)
+    result = SessionResult(stream.info, started_at=stream.started_at)
+    progress = Progress(stream.info.max_blocks, stream.started_at)
+    stop = threading.Event()
 
-        def send_changes() -> None:  # REALTIME: the server samples the latest action per block
-            last = None
-            while not stop.wait(0.03):
-                controls.poll()
-                held = controls.held()
+    def send_changes() -> None:  # REALTIME: the server samples the latest action per block
+        last = None
+        while not stop.wait(0.03):
+            controls.poll()
+            held = controls.held()
+            if controls.quit:
+                stream.finish()
+                return
+            if held != last:
+                stream.send(stream.space.from_pressed(held))
+                last = held
+
+    stream.send(controls.current())
+    sender = None
+    if not stream.lockstep:
+        sender = threading.Thread(target=send_changes, daemon=True)
+        sender.start()
+    try:
+        for block in stream:
+            result.blocks.append(block)
+            if stream.lockstep:  # the next action first: the server waits for it
+                action = controls.current()
                 if controls.quit:
                     stream.finish()
-                    return
-                if held != last:
-                    stream.send(space.from_pressed(held))
-                    last = held
-
-        stream.send(controls.current())
-        sender = None
-        if not stream.lockstep:
-            sender = threading.Thread(target=send_changes, daemon=True)
-            sender.start()
-        try:
-            for block in stream:
-                result.blocks.append(block)
-                if stream.lockstep:  # the next action first: the server waits for it
-                    action = controls.current()
-                    if controls.quit:
-                        stream.finish()
-                    elif len(stream.sent_at) < stream.info.max_blocks:
-                        stream.send(action)
-                writer.write(block.frames, block.action)
-                progress.update(block)
-        finally:
-            stop.set()
-            if sender is not None:
-                sender.join()
-        result.end = stream.end
+                elif len(stream.sent_at) < stream.info.max_blocks:
+                    stream.send(action)
+            writer.write(block.frames, block.action)
+            progress.update(block)
+    finally:
+        stop.set()
+        if sender is not None:
+            sender.join()
+    result.end = stream.end
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+def run_play(args: argparse.Namespace) -> int:
     try:
-        with VideoWriter(args.out, fps=16, overlay=args.overlay, action_space=get_action_space(args.mode)) as writer:
-            if args.interactive:
-                result = play_interactive(args, writer)
+        # Everything that can fail locally fails before the server spends anything on a session.
+        import_av()
+        document = read_trajectory(trajectory_path(args.trajectory)) if args.trajectory else None
+        terminal = TerminalKeys() if args.interactive else None
+        start = start_request(args.image, seed=args.seed, max_blocks=args.blocks,
+                              frame_encoding="raw" if args.raw else "jpeg", jpeg_quality=args.jpeg_quality,
+                              pacing=args.pacing)
+        with SessionStream(args.address, start) as stream, \
+                VideoWriter(args.out, fps=stream.info.fps, overlay=args.overlay, action_space=stream.space) as writer:
+            if terminal is not None:
+                with terminal:
+                    result = play_interactive(stream, KeyboardActions(stream.space, terminal), writer)
             else:
-                actions = planned_actions(args.mode, args.blocks, args.trajectory, args.benchmark_seed)
-                progress: Progress | None = None
+                # The trajectory is checked against the action space the server announced.
+                trajectory = None if document is None else parse_trajectory(document, stream.space, stream.layout,
+                                                                            args.trajectory)
+                actions = planned_actions(stream.space, stream.layout, args.blocks, trajectory, args.benchmark_seed)
+                progress = Progress(len(actions), stream.started_at)
 
-                def on_block(block: ReceivedBlock, stream: SessionStream) -> None:
-                    nonlocal progress
-                    progress = progress or Progress(len(actions), stream.started_at)
+                def on_block(block: ReceivedBlock, _: SessionStream) -> None:
                     writer.write(block.frames, block.action)
                     progress.update(block)
 
-                result = run_session(args.address, args.image, args.mode, actions, seed=args.seed,
-                                     frame_encoding="raw" if args.raw else "jpeg", jpeg_quality=args.jpeg_quality,
-                                     pacing=args.pacing, window=args.window, on_block=on_block)
+                result = stream.play(actions, window=args.window, on_block=on_block)
     except grpc.RpcError as e:
         print(f"\nsession failed: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except (ConnectionError, ValueError) as e:  # unreachable server, bad trajectory file
+    except (OSError, ValueError, RuntimeError) as e:  # unreachable server, bad file, no PyAV, no terminal
         print(f"\n{e}", file=sys.stderr)
         return 1
     stats = result.summary()
     print(file=sys.stderr)
-    print(f"session {result.info.session_id}: {stats['blocks']} blocks, {stats['frames']} frames of "
-          f"{result.info.height}x{result.info.width} in {stats['seconds']:.2f} s; ended: "
+    print(f"session {result.info.session_id} ({result.info.mode}): {stats['blocks']} blocks, {stats['frames']} "
+          f"frames of {result.info.height}x{result.info.width} in {stats['seconds']:.2f} s; ended: "
           f"{result.end.detail if result.end else 'cancelled'}")
     print(f"time to first frame {stats['time_to_first_frame']:.3f} s | block latency mean "
           f"{stats['latency_mean'] * 1000:.0f} ms, p50 {stats['latency_p50'] * 1000:.0f} ms, max "
           f"{stats['latency_max'] * 1000:.0f} ms | {stats['fps']:.1f} FPS after the first block")
-    print(f"video: {args.out.resolve()}")
+    print(f"video: {args.out.resolve()} ({result.info.fps} fps)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

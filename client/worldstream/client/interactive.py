@@ -12,7 +12,7 @@ import termios
 import time
 import tty
 
-from worldstream.api.actions import ActionSpace, BlockAction
+from worldstream.api.spaces import ActionSpace, BlockAction
 
 _QUIT = {"\x1b", "\x03"}  # Esc, Ctrl-C (raw mode delivers it as a character)
 

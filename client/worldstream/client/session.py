@@ -1,9 +1,11 @@
 """Client library of the WorldSessionService API (synchronous, usable from scripts and tests).
 
-    result = run_session("127.0.0.1:50051", "assets/demo.png", "universal", actions, frame_encoding="raw")
-    result.frames  # uint8 [N, H, W, 3]
+    result = run_session("127.0.0.1:50051", "assets/demo.png", actions, frame_encoding="raw")
+    result.frames  # numpy uint8 [N, H, W, 3]
 
-`SessionStream` is the lower-level handle for callers that decide actions on the fly (interactive play).
+`SessionStream` is the lower-level handle: it learns the session's mode, action space, block layout and frame
+size from the server's `SessionInfo` (`info`, `space`, `layout`), so callers can plan actions once it is open
+(`play`) or decide them on the fly (interactive play).
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-import torch
+import numpy as np
 from PIL import Image
 
-from worldstream.api.actions import BlockAction, get_action_space
-from worldstream.api.messages import action_message, parse_action
-from .video import decode_jpeg
+from worldstream.api.layout import BlockLayout
+from worldstream.api.messages import action_message, action_space_from_message, parse_action
+from worldstream.api.spaces import BlockAction
 from worldstream.v1 import session_pb2, session_pb2_grpc
+from .frames import decode_frames
 
 FRAME_ENCODINGS = {"jpeg": session_pb2.FRAME_ENCODING_JPEG, "raw": session_pb2.FRAME_ENCODING_RAW_RGB}
 PACINGS = {"lockstep": session_pb2.PACING_LOCKSTEP, "realtime": session_pb2.PACING_REALTIME}
@@ -34,7 +37,7 @@ MAX_RECEIVE_BYTES = 256 << 20
 @dataclass
 class ReceivedBlock:
     index: int
-    frames: torch.Tensor  # uint8 [T, H, W, 3]
+    frames: np.ndarray  # uint8 [T, H, W, 3]
     action: BlockAction  # the action the server applied (from its echo)
     stage_seconds: dict[str, float]  # server-side stages
     latency: float  # seconds from sending this block's action (or the previous block, REALTIME) to receiving it
@@ -50,9 +53,9 @@ class SessionResult:
     started_at: float = 0.0  # time.perf_counter() when the start request was sent
 
     @property
-    def frames(self) -> torch.Tensor:
+    def frames(self) -> np.ndarray:
         """All frames, uint8 [N, H, W, 3]."""
-        return torch.cat([block.frames for block in self.blocks])
+        return np.concatenate([block.frames for block in self.blocks])
 
     @property
     def frame_count(self) -> int:
@@ -111,7 +114,6 @@ class SessionStream:
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._finished = False
-        self.space = get_action_space(start.mode)
         self.lockstep = start.pacing != session_pb2.PACING_REALTIME
         self.sent_at: list[float] = []  # perf_counter() of each action sent
         self.started_at = time.perf_counter()
@@ -127,10 +129,12 @@ class SessionStream:
             first = next(self._call)
             if first.WhichOneof("response") != "info":
                 raise RuntimeError(f"server answered the start with `{first.WhichOneof('response')}`, not `info`")
+            self.info: session_pb2.SessionInfo = first.info
+            self.space = action_space_from_message(first.info.mode, first.info.action_space)
+            self.layout = BlockLayout.from_block_frames(first.info.first_block_frames, first.info.block_frames)
         except BaseException:
             self.close()
             raise
-        self.info: session_pb2.SessionInfo = first.info
         self.end: session_pb2.SessionEnd | None = None
         self._last_arrival = time.perf_counter()
 
@@ -145,7 +149,7 @@ class SessionStream:
         """Queue an action. REALTIME takes held actions only: per-frame rows are sent as their last row (the
         newest state), since the block they will land on is not known."""
         if not self.lockstep and isinstance(action, BlockAction) and action.n_rows > 1:
-            action = BlockAction(action.keyboard[-1:], None if action.mouse is None else action.mouse[-1:])
+            action = action.last_row()
         with self._lock:
             if self._finished:
                 raise RuntimeError("the session was finished; no more actions can be sent")
@@ -184,8 +188,35 @@ class SessionStream:
                              dict(block.stage_seconds), latency, now, response.ByteSize())
 
     def applied_action(self, block: session_pb2.BlockChunk) -> BlockAction:
-        return parse_action(block.action, self.space, block.block_index if block.action.frames else None,
-                            f"echo of block {block.block_index}")
+        return parse_action(block.action, self.space, self.layout,
+                            block.block_index if block.action.frames else None, f"echo of block {block.block_index}")
+
+    def play(self, actions: Sequence[BlockAction | session_pb2.Action], window: int = 2,
+             on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None) -> SessionResult:
+        """Send `actions`, one per block, and receive their blocks. LOCKSTEP keeps `window` actions in flight;
+        REALTIME sends the next action as each block arrives."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        result = SessionResult(self.info, started_at=self.started_at)
+        pending = list(actions)
+        in_flight = window if self.lockstep else 1
+
+        def refill(received: int) -> None:
+            while pending and len(self.sent_at) < received + in_flight:
+                self.send(pending.pop(0))
+            # LOCKSTEP: queued actions still run after the half-close. REALTIME: the server would stop at its
+            # next block, so keep the stream open until every action has had its block.
+            if not pending and (self.lockstep or received >= len(actions)):
+                self.finish()
+
+        refill(0)
+        for block in self:
+            result.blocks.append(block)
+            refill(len(result.blocks))  # before the callback: keep the server busy while the caller works
+            if on_block is not None:
+                on_block(block, self)
+        result.end = self.end
+        return result
 
     def cancel(self) -> None:
         """Abort the session right away (the server frees it)."""
@@ -203,54 +234,23 @@ class SessionStream:
         self.close()
 
 
-def decode_frames(block: session_pb2.BlockChunk, info: session_pb2.SessionInfo) -> torch.Tensor:
-    """The frames of a block as uint8 [T, H, W, 3]."""
-    if info.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:
-        shape = (info.height, info.width, 3)
-        frames = [torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape) for data in block.frames]
-    else:
-        frames = [decode_jpeg(data) for data in block.frames]
-    return torch.stack(frames)
-
-
-def start_request(image: str | os.PathLike | bytes | Image.Image, mode: str, *, seed: int = 0,
+def start_request(image: str | os.PathLike | bytes | Image.Image, mode: str = "", *, seed: int = 0,
                   max_blocks: int = 0, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
                   pacing: str = "lockstep") -> session_pb2.StartSession:
+    """A start request; `mode` empty: whatever the server runs (the session's `info` says which)."""
     return session_pb2.StartSession(mode=mode, image=image_bytes(image), seed=seed, max_blocks=max_blocks,
                                     frame_encoding=FRAME_ENCODINGS[frame_encoding], jpeg_quality=jpeg_quality,
                                     pacing=PACINGS[pacing])
 
 
-def run_session(address: str, image: str | os.PathLike | bytes | Image.Image, mode: str,
-                actions: Sequence[BlockAction | session_pb2.Action], *, seed: int = 0, max_blocks: int | None = None,
-                frame_encoding: str = "jpeg", jpeg_quality: int = 0, pacing: str = "lockstep", window: int = 2,
-                timeout: float | None = None,
+def run_session(address: str, image: str | os.PathLike | bytes | Image.Image,
+                actions: Sequence[BlockAction | session_pb2.Action], *, mode: str = "", seed: int = 0,
+                max_blocks: int | None = None, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
+                pacing: str = "lockstep", window: int = 2, timeout: float | None = None,
                 on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None) -> SessionResult:
-    """Run a whole session: one block per action (`max_blocks` defaults to len(actions)). LOCKSTEP keeps
-    `window` actions in flight; REALTIME sends the next action as each block arrives. Raises grpc.RpcError
-    with the server's status on failure."""
-    if window < 1:
-        raise ValueError("window must be at least 1")
+    """Run a whole session: one block per action (`max_blocks` defaults to len(actions)); see
+    `SessionStream.play`. Raises grpc.RpcError with the server's status on failure."""
     start = start_request(image, mode, seed=seed, max_blocks=len(actions) if max_blocks is None else max_blocks,
                           frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing)
-    pending = list(actions)
     with SessionStream(address, start, timeout=timeout) as stream:
-        result = SessionResult(stream.info, started_at=stream.started_at)
-        in_flight = window if stream.lockstep else 1
-
-        def refill(received: int) -> None:
-            while pending and len(stream.sent_at) < received + in_flight:
-                stream.send(pending.pop(0))
-            # LOCKSTEP: queued actions still run after the half-close. REALTIME: the server would stop at its
-            # next block, so keep the stream open until every action has had its block.
-            if not pending and (stream.lockstep or received >= len(actions)):
-                stream.finish()
-
-        refill(0)
-        for block in stream:
-            result.blocks.append(block)
-            refill(len(result.blocks))  # before the callback: keep the server busy while the caller works
-            if on_block is not None:
-                on_block(block, stream)
-        result.end = stream.end
-    return result
+        return stream.play(actions, window=window, on_block=on_block)

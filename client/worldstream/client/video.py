@@ -1,30 +1,37 @@
-"""MP4 writing (PyAV) with an optional action HUD, and JPEG frame decoding, for clients."""
+"""MP4 writing with an optional action HUD. PyAV is imported when a video is opened, so the client runs
+without it (`pip install 'worldstream-client[video]'` adds it)."""
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from fractions import Fraction
 from pathlib import Path
+from types import ModuleType
 
-import av
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
-from worldstream.api.actions import ActionSpace, BlockAction
-
-DEFAULT_FPS = 16
+from worldstream.api.spaces import ActionSpace, BlockAction
 
 
-def _as_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+def import_av() -> ModuleType:
+    """PyAV, or a RuntimeError that says how to install it."""
+    try:
+        import av
+    except ImportError:
+        raise RuntimeError("writing mp4 needs PyAV, which is not installed: pip install 'worldstream-client[video]'"
+                           ) from None
+    return av
+
+
+def _as_frames(frames: np.ndarray) -> np.ndarray:
+    array = np.asarray(frames)
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames [T, H, W, 3], got {array.dtype} {list(array.shape)}")
     return array
 
 
-def _encoder_available(codec: str) -> bool:
+def _encoder_available(av: ModuleType, codec: str) -> bool:
     try:
         av.codec.Codec(codec, "w")
         return True
@@ -39,16 +46,19 @@ class VideoWriter:
     neighbour), so that the HUD covers a corner of a tiny config's frames rather than most of them.
     Falls back to MPEG-4 Part 2 (with a warning) if this PyAV build has no libx264; `codec` says which."""
 
-    def __init__(self, path: str | os.PathLike, fps: int | Fraction = DEFAULT_FPS, crf: int = 18,
-                 overlay: bool = False, action_space: ActionSpace | None = None):
+    def __init__(self, path: str | os.PathLike, fps: int | Fraction, crf: int = 18, overlay: bool = False,
+                 action_space: ActionSpace | None = None):
         if overlay and action_space is None:
             raise ValueError("the action overlay needs the action_space (key names) of the mode")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self._av = import_av()
         self.path = Path(path)
         self.fps = Fraction(fps)
         self.crf = crf
         self.hud_space = action_space if overlay else None
         self.codec = "libx264"
-        if not _encoder_available(self.codec):
+        if not _encoder_available(self._av, self.codec):
             warnings.warn("PyAV has no libx264 encoder; writing MPEG-4 Part 2 ('mpeg4') instead", RuntimeWarning)
             self.codec = "mpeg4"
         self.size: tuple[int, int] | None = None  # (height, width) as encoded, before any HUD enlargement
@@ -68,7 +78,7 @@ class VideoWriter:
         if self.hud_space is not None:
             self.scale = -(-HUD_MIN_HEIGHT // self.size[0])
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self.path), mode="w")
+        self._container = self._av.open(str(self.path), mode="w")
         stream = self._container.add_stream(self.codec, rate=self.fps)
         stream.height, stream.width = self.size[0] * self.scale, self.size[1] * self.scale
         stream.pix_fmt = "yuv420p"
@@ -78,7 +88,7 @@ class VideoWriter:
             stream.bit_rate = 8_000_000
         self._stream = stream
 
-    def write(self, frames: torch.Tensor | np.ndarray, action: BlockAction | None = None) -> None:
+    def write(self, frames: np.ndarray, action: BlockAction | None = None) -> None:
         """Append frames uint8 [T, H, W, 3]. `action` (drawn with `overlay`): the block's action, held (1 row)
         or one row per frame."""
         array = _as_frames(frames)
@@ -101,7 +111,7 @@ class VideoWriter:
                 image = image.resize((image.width * self.scale, image.height * self.scale), Image.NEAREST)
             if hud_rows is not None:
                 draw_action_hud(image, self.hud_space, *hud_rows[i])
-            video_frame = av.VideoFrame.from_image(image)
+            video_frame = self._av.VideoFrame.from_image(image)
             video_frame.pts = self.frames_written
             video_frame.time_base = 1 / self.fps
             for packet in self._stream.encode(video_frame):
@@ -120,8 +130,8 @@ class VideoWriter:
 
 def _hud_rows(action: BlockAction, n_frames: int) -> list[tuple[list[float], list[float] | None]]:
     rows = action.rows(n_frames)
-    keyboard = rows.keyboard.cpu().tolist()
-    mouse = rows.mouse.cpu().tolist() if rows.mouse is not None else [None] * n_frames
+    keyboard = rows.keyboard.tolist()
+    mouse = rows.mouse.tolist() if rows.mouse is not None else [None] * n_frames
     return list(zip(keyboard, mouse))
 
 
@@ -156,11 +166,3 @@ def draw_action_hud(image: Image.Image, space: ActionSpace, keyboard: list[float
         draw.line([cx, cy, cx + dx, cy + dy], fill=_HUD_PRESSED, width=2)
         draw.text((name_width + 4, 2 + 2 * gauge), f"{mouse[0]:+.2f},{mouse[1]:+.2f}", fill=_HUD_DIM, font=font)
 
-
-def decode_jpeg(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 RGB frame [H, W, 3] (ValueError if undecodable)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return torch.from_numpy(np.array(image.convert("RGB")))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"frame bytes ({len(data)} B): not a decodable JPEG ({e})") from None

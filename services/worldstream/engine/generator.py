@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.profiler import record_function
 
-from worldstream.api.actions import ACTION_SPACES, ActionSpace, ActionTrack, BlockAction
+from worldstream.api.spaces import ACTION_SPACES, ActionSpace, BlockAction
 from ..models.kv_cache import RingSlots
 from ..models.wan_vae import VAEDecodeStream, WanVAEDecoder, split_vae_state_dict
+from .action_track import ActionTrack, config_layout
 from .block_loop import BlockDenoiser, GaussianNoise, NoiseSource
 from .builders import build_dit, building, load_weights, resolve_device, resolve_dtype
 from .scheduler import FlowMatchSchedule
@@ -92,6 +93,7 @@ class DecoderModels:
         self.mode = str(cfg.mode)
         self.device = resolve_device(cfg.device)
         self.action_space: ActionSpace = ACTION_SPACES[self.mode]
+        self.layout = config_layout(cfg)
         self.dit = build_dit(cfg)
         self.vae = build_vae_decoder(cfg)
         pipe = cfg.pipeline
@@ -153,16 +155,13 @@ class GenerationSession:
         self.max_blocks = max_blocks
         self.block_index = 0
         device = models.device
-        self.track = ActionTrack.for_space(models.action_space, max_blocks)  # host memory: actions arrive there
+        # Host memory: actions arrive there; each block's window goes to the device by `_to_device`.
+        self.track = ActionTrack.for_space(models.action_space, models.layout, max_blocks)
         self.denoiser = BlockDenoiser(models.dit, visual_context, models.latent_shape, models.timesteps,
                                       models.schedule, float(models.cfg.pipeline.context_noise),
                                       noise or GaussianNoise(seed, device), models.frames_per_block)
         self.vae = VAEDecodeStream(models.vae)
         self.closed = False
-
-    @staticmethod
-    def pixel_frames(block_index: int) -> int:
-        return 9 if block_index == 0 else 12
 
     @property
     def finished(self) -> bool:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from worldstream.api.actions import ActionTrack
+from worldstream.api.layout import BlockLayout
+from ..engine.action_track import ActionTrack
 from ..engine.block_loop import BlockDenoiser
 from ..engine.scheduler import FlowMatchSchedule
 from ..models.causal_wan import ActionConfig, CausalWanModel, DiTConfig
@@ -59,9 +60,12 @@ def check_mg2_blocks(t: dict[str, torch.Tensor], meta: dict) -> Pairs:
                              timesteps, schedule, pipe["context_noise"], ReplayNoise(draws),
                              pipe["num_frame_per_block"])
 
+    action = meta["model_config"]["action_config"]
+    stride = action["vae_time_compression_ratio"]
+    layout = BlockLayout(pipe["num_frame_per_block"], stride, action["windows_size"] * stride)
     last = blocks - 1
     mouse = t.get(f"block{last}.mouse_cond")
-    track = ActionTrack.from_full(t[f"block{last}.keyboard_cond"][0], mouse[0] if mouse is not None else None)
+    track = ActionTrack.from_full(layout, t[f"block{last}.keyboard_cond"][0], mouse[0] if mouse is not None else None)
 
     pairs: Pairs = [("schedule.denoising_step_list", torch.tensor(timesteps), t["schedule.denoising_step_list"]),
                     ("schedule.sigmas", schedule.sigmas, t["schedule.sigmas"]),
