@@ -32,16 +32,16 @@ lint-protos:
 
 # Both services + the client on the tiny CPU config; writes $(OUT).
 demo: setup
-	$(PY) -m worldstream.launch --config $(CONFIG) --blocks $(BLOCKS) --out $(OUT)
+	$(VENV)/bin/worldstream demo --config $(CONFIG) --blocks $(BLOCKS) --out $(OUT)
 
 test: setup
 	$(PY) -m pytest -q
 
 golden: setup
-	$(VENV)/bin/worldstream-golden ../shared/golden/*.safetensors
+	$(VENV)/bin/worldstream golden ../shared/golden/*.safetensors
 
 batch: setup
-	$(VENV)/bin/worldstream-batch --config $(CONFIG) --blocks $(BLOCKS) --out out/batch.mp4 --overlay
+	$(VENV)/bin/worldstream batch --config $(CONFIG) --blocks $(BLOCKS) --out out/batch.mp4 --overlay
 
 bench-wire: setup
 	$(PY) benchmarks/wire_codec.py

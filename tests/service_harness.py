@@ -1,5 +1,5 @@
 """Run the encoder and decoder services as real subprocesses on 127.0.0.1 for the service tests
-(the process plumbing is the launcher's: `worldstream.launch.ServiceStack`)."""
+(the process plumbing is `worldstream demo`'s: `worldstream.serving.processes.ServiceStack`)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO
-from worldstream.launch import ServiceProcess, ServiceStack, free_port
+from worldstream.serving.processes import ServiceProcess, ServiceStack, free_port
 
 CONFIG = "mg2/universal_tiny"
 # For tests where frame content does not matter: the tiny config with a smaller frame keeps blocks fast.
@@ -73,7 +73,7 @@ def start_decoder(log_path: Path, port: int, metrics_port: int, encoder_address:
                   ) -> ServiceProcess:
     """A second decoder against a running encoder."""
     return ServiceProcess("decoder", [
-        "--config", CONFIG, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+        "--config", CONFIG, "--port", str(port), "--metrics-port", str(metrics_port),
         "--encoder-address", encoder_address, *args], log_path).start(port, 90.0)
 
 

@@ -5,12 +5,12 @@ import av
 
 from conftest import REPO
 
-from worldstream.batch import main
+from worldstream.cli import main
 
 
 def test_ten_blocks_write_a_playable_mp4(tmp_path):
     out = tmp_path / "batch.mp4"
-    assert main(["--config", "mg2/universal_tiny", "--blocks", "10", "--out", str(out), "--overlay",
+    assert main(["batch", "--config", "mg2/universal_tiny", "--blocks", "10", "--out", str(out), "--overlay",
                  "--trajectory", str(REPO / "configs/trajectories/universal_demo.json")]) == 0
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
@@ -22,7 +22,7 @@ def test_ten_blocks_write_a_playable_mp4(tmp_path):
 
 def test_profile_writes_nested_trace_tags(tmp_path):
     trace = tmp_path / "trace.json"
-    assert main(["--config", "mg2/templerun_tiny", "--blocks", "2", "--out", str(tmp_path / "t.mp4"),
+    assert main(["batch", "--config", "mg2/templerun_tiny", "--blocks", "2", "--out", str(tmp_path / "t.mp4"),
                  "--profile", str(trace)]) == 0
     names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
     for tag in ("session_setup", "conditioning", "block_0", "block_1", "data_preparation", "cache_update",

@@ -1,4 +1,4 @@
-"""Every visible golden file runs through `worldstream-golden` (fp32, atol = rtol = 1e-4)."""
+"""Every visible golden file runs through `worldstream golden` (fp32, atol = rtol = 1e-4)."""
 import subprocess
 import sys
 
@@ -25,9 +25,9 @@ def test_golden_file(path, capsys):
 
 @pytest.mark.skipif(not FILES, reason="no golden files beside the repository")
 def test_golden_cli_contract():
-    """The console entry point prints one line per output and a final max_rel_err line; exit 0 when all pass."""
+    """`worldstream golden` prints one line per output and a final max_rel_err line; exit 0 when all pass."""
     small = [p for p in FILES if p.stem in ("mg2_gta_drive", "clip_visual")] or FILES[:1]
-    proc = subprocess.run([sys.executable, "-m", "worldstream.golden.cli", *map(str, small)],
+    proc = subprocess.run([sys.executable, "-m", "worldstream.cli", "golden", *map(str, small)],
                           capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr

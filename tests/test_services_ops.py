@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from service_harness import (REPO, SMALL_FRAMES, health_status, metric_value, metrics_text, png_bytes,
                              running_services, wait_for)
-from worldstream.api.spaces import get_action_space
+from worldstream.api.actions import get_action_space
 from worldstream.client import SessionStream, start_request
 from worldstream.v1 import session_pb2, session_pb2_grpc
 
@@ -63,7 +63,7 @@ def drop_client(address: str, how: int) -> None:
 
 KILLED_CLIENT = """
 import sys
-from worldstream.api.spaces import get_action_space
+from worldstream.api.actions import get_action_space
 from worldstream.client import SessionStream, start_request
 stream = SessionStream(sys.argv[1], start_request(open(sys.argv[2], "rb").read(), "universal", max_blocks=30))
 stream.send(get_action_space("universal").from_names(["forward"]))
@@ -125,6 +125,30 @@ def test_health_and_reflection(services):
         with grpc.insecure_channel(address) as channel:
             listed = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+
+
+def test_decoder_readiness_follows_its_encoder(tmp_path):
+    """The decoder reports SERVING only while its encoder does: NOT_SERVING soon after the encoder dies, SERVING
+    again once it is back; `worldstream health` exits 1, then 0."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def health_command(address: str) -> int:
+        return subprocess.run([sys.executable, "-m", "worldstream.cli", "health", address], capture_output=True,
+                              timeout=30).returncode
+
+    with running_services(tmp_path, decoder_args=SMALL_FRAMES, encoder_args=SMALL_FRAMES) as services:
+        assert health_status(services.address) == serving and health_command(services.address) == 0
+        services.encoder.signal(signal.SIGKILL)
+        services.encoder.wait(10)
+        wait_for(lambda: health_status(services.address) == not_serving, 15, "the decoder to report NOT_SERVING",
+                 interval=0.2)
+        assert health_status(services.address, "worldstream.v1.WorldSessionService") == not_serving
+        assert health_command(services.address) == 1
+        services.start_encoder()  # same port and arguments
+        wait_for(lambda: health_status(services.address) == serving, 15, "the decoder to report SERVING again",
+                 interval=0.2)
+        assert health_command(services.address) == 0
+    assert "not serving: encoder at" in services.decoder.log()
 
 
 def test_idle_timeout_profiles_and_sigterm(tmp_path):

@@ -1,7 +1,7 @@
 """Batch front-end: image + action trajectory -> mp4, in one process, through the same block loop the services run.
 
-    worldstream-batch --config mg2/universal_tiny --blocks 10 --out out/demo.mp4 --overlay
-    worldstream-batch --config mg2/universal --benchmark --blocks 50 --profile out/trace.json
+    worldstream batch --config mg2/universal_tiny --blocks 10 --out out/batch.mp4 --overlay
+    worldstream batch --config mg2/universal --blocks 50 --profile out/trace.json
 
 `--profile` writes a Chrome trace (chrome://tracing, Perfetto) with nested tags: conditioning per block,
 block_<b> > data_preparation / denoise_step_<s>_t<t> / cache_update / vae_decode, and to_host.
@@ -11,28 +11,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from worldstream.api.spaces import BlockAction, get_action_space
-from worldstream.api.trajectory import load_trajectory, planned_actions
+from worldstream.api.actions import BlockAction, planned_actions
 from worldstream.client.video import VideoWriter
 
-from .engine.config import load_config
-from .engine.action_track import config_layout
+from .engine.config import config_from_args
 from .engine.encoder import EncoderModels
 from .engine.generator import DecoderModels
-from .launch import DEMO_IMAGE
 from .media import load_image
 
 
-def generate(config: str, image_path: Path, actions: list[BlockAction], out: Path, seed: int, overlay: bool,
-             overrides: list[str], profile_path: Path | None = None) -> dict[str, float]:
-    cfg = load_config(config, overrides)
+def generate(cfg: DictConfig, image_path: Path, actions: list[BlockAction], out: Path, seed: int, overlay: bool,
+             profile_path: Path | None = None) -> dict[str, float]:
     encoder_models, decoder_models = EncoderModels.build(cfg), DecoderModels.build(cfg)
     if cfg.compile:
         decoder_models.warm_up()  # compile every shape now, outside the timings and the trace
@@ -56,7 +52,7 @@ def generate(config: str, image_path: Path, actions: list[BlockAction], out: Pat
                 result = session.run_block(cond, action)
                 latencies.append(time.perf_counter() - t0)
                 first_frame = first_frame or time.perf_counter() - started
-                writer.write(result.frames.numpy(), action)
+                writer.write(result.frames, action)
         finally:
             session.close()
             conditioning.close()
@@ -64,45 +60,23 @@ def generate(config: str, image_path: Path, actions: list[BlockAction], out: Pat
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile_path))
     total = time.perf_counter() - started
-    frames = decoder_models.layout.track_frames(len(actions))
+    frames = sum(session.pixel_frames(b) for b in range(len(actions)))
     return {"blocks": len(actions), "frames": frames, "seconds": total, "fps": frames / total,
             "time_to_first_frame": first_frame or 0.0, "mean_block_latency": sum(latencies) / len(latencies)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="worldstream-batch", description="Generate a video offline.")
-    parser.add_argument("--config", default="mg2/universal_tiny", help="config name under configs/ or a .yaml path")
-    parser.add_argument("--image", type=Path, default=DEMO_IMAGE, help="first frame (PNG/JPEG)")
-    parser.add_argument("--blocks", type=int, default=10, help="blocks to generate (9 frames, then 12 each)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--trajectory", type=Path, help="trajectory JSON file (worldstream.trajectory.v1)")
-    source.add_argument("--benchmark-seed", type=int, default=0,
-                        help="seed of the reference benchmark trajectory (the default action source)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed")
-    parser.add_argument("--out", type=Path, default=Path("out/batch.mp4"))
-    parser.add_argument("--overlay", action="store_true", help="draw the keyboard/mouse state on the frames")
-    parser.add_argument("--profile", type=Path, help="write a Chrome trace of the run here")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set device=cuda:1 (repeatable)")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`worldstream batch` (its flags: `cli.add_batch_arguments`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_args(args)
     try:
-        space, layout = get_action_space(str(cfg.mode)), config_layout(cfg)
-        trajectory = load_trajectory(args.trajectory, space, layout) if args.trajectory else None
-        actions = planned_actions(space, layout, args.blocks, trajectory, args.benchmark_seed)
+        actions = planned_actions(str(cfg.mode), args.blocks, args.trajectory, args.benchmark_seed)
     except ValueError as err:
-        parser.error(str(err))
-    stats = generate(args.config, args.image, actions, args.out, args.seed, args.overlay, args.overrides,
-                     args.profile)
+        raise SystemExit(f"worldstream batch: error: {err}") from None
+    stats = generate(cfg, args.image, actions, args.out, args.seed, args.overlay, args.profile)
     print(f"wrote {args.out} ({stats['frames']} frames, {stats['blocks']} blocks) in {stats['seconds']:.1f} s: "
           f"{stats['fps']:.1f} FPS, first block after {stats['time_to_first_frame']:.2f} s, "
           f"{stats['mean_block_latency'] * 1000:.0f} ms per block")
     if args.profile:
         print(f"trace: {args.profile}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,31 +1,25 @@
-"""Run the decoder service (the public WorldSessionService API):
+"""`python -m worldstream.decoder ARGS`, the same as `worldstream serve decoder ARGS`: the decoder service (the
+public WorldSessionService API).
 
-    python -m worldstream.decoder --config mg2/universal_tiny --port 50051 --metrics-port 9451 \
+    worldstream serve decoder --config mg2/universal_tiny --port 50051 --metrics-port 9451 \
         --encoder-address 127.0.0.1:50061 --max-sessions 4 --idle-timeout 60 [--profile-dir out/profiles]
+
+Here: the decoder's own flags and how the service is put together; the rest is `serving.bootstrap`. The decoder
+reports SERVING only while its encoder does (checked every --encoder-check-interval seconds).
 """
 from __future__ import annotations
 
-import asyncio
-import logging
+import argparse
 import os
 import sys
 
-import grpc
-
-from ..encoder.client import EncoderClient
-from ..service_common import (ServiceMetrics, add_health_and_reflection, base_arg_parser, bind, configure_logging,
-                              load_service_config, log_event, mark_serving, serve_until_terminated, server_options)
-from worldstream.v1 import session_pb2_grpc
-from .server import SERVICE_NAME, WorldSessionService
-from .sessions import SessionManager
-
-log = logging.getLogger("worldstream.decoder")
+from ..serving.bootstrap import Service
+from ..serving.metrics import ServiceMetrics
 
 
-def parse_args(argv: list[str] | None):
-    parser = base_arg_parser("python -m worldstream.decoder",
-                             "World-model decoder: interactive sessions (actions in, frames out) over gRPC.")
-    parser.add_argument("--encoder-address", default=os.environ.get("WORLDSTREAM_ENCODER_ADDRESS"),
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    encoder_address = os.environ.get("WORLDSTREAM_ENCODER_ADDRESS")
+    parser.add_argument("--encoder-address", default=encoder_address, required=not encoder_address,
                         help="host:port of the encoder service (default: $WORLDSTREAM_ENCODER_ADDRESS)")
     parser.add_argument("--max-sessions", type=int, default=4,
                         help="concurrent sessions; more are refused with RESOURCE_EXHAUSTED")
@@ -42,41 +36,36 @@ def parse_args(argv: list[str] | None):
                         help="seconds a new session waits for an unreachable encoder before UNAVAILABLE")
     parser.add_argument("--encoder-timeout", type=float, default=60.0,
                         help="seconds to wait for any one answer of the encoder")
-    args = parser.parse_args(argv)
-    if not args.encoder_address:
-        parser.error("--encoder-address (or WORLDSTREAM_ENCODER_ADDRESS) is required")
-    return args
+    parser.add_argument("--encoder-check-interval", type=float, default=2.0,
+                        help="seconds between health checks of the encoder; this service reports SERVING only "
+                             "while the encoder does")
 
 
-async def serve(args) -> None:
-    cfg = load_service_config(args)
-    metrics = ServiceMetrics("decoder")
-    metrics_port = metrics.serve(args.host, args.metrics_port)
+def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
+    # Imported here, not above: building the command line must not load torch (`worldstream health` is quick).
+    from worldstream.v1 import session_pb2_grpc
+    from ..encoder.client import EncoderClient
+    from .server import SERVICE_NAME, WorldSessionService
+    from .sessions import SessionManager
+
     encoder = EncoderClient(args.encoder_address, metrics, connect_timeout=args.encoder_connect_timeout,
                             request_timeout=args.encoder_timeout, window=args.encoder_window)
     manager = SessionManager(encoder, metrics, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                              frame_workers=args.frame_workers, profile_dir=args.profile_dir)
     service = WorldSessionService(cfg, manager, metrics, args.warmup_blocks)
-    server = grpc.aio.server(options=server_options(args.max_message_bytes))
-    session_pb2_grpc.add_WorldSessionServiceServicer_to_server(service, server)
-    health = await add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, args.host, args.port)
-    await server.start()
-    log_event(log, "listening", port=port, metrics_port=metrics_port, config=args.config,
-              encoder_address=args.encoder_address)
-    await service.load()
-    await mark_serving(health, [SERVICE_NAME])
-    log_event(log, "serving", port=port)
-    await serve_until_terminated(server, health, args.grace, manager.terminate, log)
-    await encoder.close()
-    metrics.shutdown()
+    return Service(name=SERVICE_NAME,
+                   register=lambda server: session_pb2_grpc.add_WorldSessionServiceServicer_to_server(service, server),
+                   load=service.load, terminate=manager.terminate, close=encoder.close,
+                   dependency_ready=lambda: encoder.serving(timeout=args.encoder_check_interval),
+                   dependency=f"encoder at {args.encoder_address}",
+                   dependency_check_interval=args.encoder_check_interval,
+                   log_fields={"config": args.config, "encoder_address": args.encoder_address})
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging("decoder", args.log_level, args.log_format)
-    asyncio.run(serve(args))
-    return 0
+    from ..cli import main as cli_main
+
+    return cli_main(["serve", "decoder", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import time
 import grpc
 
 from ..engine.generator import DecoderModels
-from ..service_common import ServiceMetrics, log_event, run_call
+from ..serving.aio import run_call
+from ..serving.logs import log_event
+from ..serving.metrics import ServiceMetrics
 from worldstream.v1 import session_pb2, session_pb2_grpc
 from .sessions import SessionManager
 

@@ -11,10 +11,15 @@ import time
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..service_common import ServiceError, ServiceMetrics, status_from_rpc_error, within
+from ..serving.aio import within
+from ..serving.errors import ServiceError, status_from_rpc_error
+from ..serving.metrics import ServiceMetrics
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import DEFAULT_MAX_CHUNK_BYTES, TensorAssembler, WireFormatError
+
+ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoderService"].full_name
 
 _CHANNEL_OPTIONS = [
     # Reconnect quickly after an encoder restart instead of backing off for minutes.
@@ -42,6 +47,17 @@ class EncoderClient:
         self.window = window
         self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = encoder_pb2_grpc.ConditionEncoderServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def serving(self, timeout: float) -> bool:
+        """Whether the encoder answers its health check with SERVING within `timeout` seconds (the decoder's
+        readiness; checked on the sessions' own channel, so it sees what they would see)."""
+        request = health_pb2.HealthCheckRequest(service=ENCODER_SERVICE)
+        try:
+            reply = await self._health.Check(request, timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def open(self, session_id: str, mode: str, image: bytes, height: int, width: int, max_blocks: int
                    ) -> ConditionFeed:

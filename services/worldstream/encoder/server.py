@@ -18,8 +18,11 @@ from torch.profiler import record_function
 
 from ..engine.encoder import EncoderModels
 from ..media import load_image
-from ..service_common import (ServiceError, ServiceMetrics, StreamProfiler, WorkerLane, first_request, log_event,
-                              run_call, run_together, within, write_with_timeout)
+from ..serving.aio import WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.errors import ServiceError
+from ..serving.logs import log_event
+from ..serving.metrics import ServiceMetrics
+from ..serving.profiling import StreamProfiler
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import pack_tensor
 

@@ -1,4 +1,4 @@
-"""`worldstream-golden FILE...`: run golden test vectors through the implementation and report the errors.
+"""`worldstream golden FILE...`: run golden test vectors through the implementation and report the errors.
 
 Each file's safetensors metadata names its `kind`; the matching check rebuilds the module from the file's
 weights and configuration, runs the file's inputs through the production code path and returns
@@ -7,10 +7,8 @@ status is 0 when every output is within atol = rtol = 1e-4 (float32).
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -71,17 +69,11 @@ def run_file(path: Path) -> tuple[float, bool, bool]:
     return worst, passed, True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="worldstream-golden", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help="golden .safetensors files")
-    args = parser.parse_args(argv)
+def check_files(paths: list[Path]) -> int:
+    """Check every file; prints the errors and returns the exit status (0: all within tolerance)."""
     worst, passed = 0.0, True
-    for path in args.files:
+    for path in paths:
         rel, ok, _ = run_file(path)
         worst, passed = max(worst, rel), passed and ok
     print(f"max_rel_err={worst:.3e}")
     return 0 if passed else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

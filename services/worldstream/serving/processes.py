@@ -1,11 +1,7 @@
-"""Run the whole system locally: encoder service + decoder service as separate processes on loopback, then the
-client for a default trajectory. This is what `make demo` runs; the end-to-end tests drive `ServiceStack` too.
-
-    python -m worldstream.launch --config mg2/universal_tiny --blocks 10 --out out/demo.mp4
-"""
+"""Service processes on this machine: `worldstream serve <service>` as child processes on loopback ports, for
+`worldstream demo` and the service tests."""
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -14,11 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .engine.config import CONFIG_ROOT, load_config
-from .healthcheck import serving_status
-
-DEMO_IMAGE = Path(__file__).resolve().parent / "assets" / "demo.png"
-LOOPBACK = "127.0.0.1"
+from .bootstrap import LOOPBACK
+from .health import serving_status
 
 
 def free_port() -> int:
@@ -28,7 +21,7 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """One service (`python -m worldstream.<name>`) as a child process logging to a file."""
+    """One service (`worldstream serve <name> ARGS`) as a child process logging to a file."""
 
     def __init__(self, name: str, args: list[str], log_path: Path):
         self.name, self.args, self.log_path = name, args, log_path
@@ -37,7 +30,7 @@ class ServiceProcess:
     def start(self, port: int, startup_timeout: float) -> "ServiceProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", f"worldstream.{self.name}", *self.args],
+            self.process = subprocess.Popen([sys.executable, "-m", "worldstream.cli", "serve", self.name, *self.args],
                                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=log,
                                             stderr=subprocess.STDOUT)
         self.wait_serving(f"{LOOPBACK}:{port}", startup_timeout)
@@ -78,7 +71,8 @@ class ServiceProcess:
 
 
 class ServiceStack:
-    """Encoder and decoder services on free loopback ports (a context manager that stops both)."""
+    """Encoder and decoder services on free loopback ports (a context manager that stops both). `overrides` are
+    config overrides (`KEY=VALUE`) both services get."""
 
     def __init__(self, config: str, log_dir: Path, overrides: list[str] = (), encoder_args: list[str] = (),
                  decoder_args: list[str] = (), startup_timeout: float = 300.0):
@@ -99,8 +93,7 @@ class ServiceStack:
         return f"{LOOPBACK}:{self.encoder_port}"
 
     def service_args(self, port: int, metrics_port: int) -> list[str]:
-        return ["--config", self.config, *self.overrides, "--host", LOOPBACK, "--port", str(port),
-                "--metrics-port", str(metrics_port)]
+        return ["--config", self.config, *self.overrides, "--port", str(port), "--metrics-port", str(metrics_port)]
 
     def start_encoder(self, extra: list[str] = ()) -> ServiceProcess:
         """(Re)start the encoder on its port."""
@@ -130,29 +123,3 @@ class ServiceStack:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worldstream.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="mg2/universal_tiny")
-    parser.add_argument("--blocks", type=int, default=10)
-    parser.add_argument("--image", type=Path, default=DEMO_IMAGE)
-    parser.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-
-    from .client.__main__ import main as client_main
-
-    mode = str(load_config(args.config, args.overrides).mode)
-    demo = CONFIG_ROOT / "trajectories" / f"{mode}_demo.json"
-    source = ["--trajectory", str(demo)] if demo.exists() else ["--benchmark"]
-    log_dir = args.out.parent / "logs"
-    print(f"starting the encoder and decoder services ({args.config}); logs in {log_dir}/", flush=True)
-    with ServiceStack(args.config, log_dir, args.overrides) as stack:
-        print(f"encoder {stack.encoder_address}, decoder {stack.address}", flush=True)
-        return client_main(["play", "--address", stack.address, "--image", str(args.image), *source,
-                            "--blocks", str(args.blocks), "--out", str(args.out), "--overlay"])  # prints the path
-
-
-if __name__ == "__main__":
-    sys.exit(main())

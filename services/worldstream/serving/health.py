@@ -1,0 +1,66 @@
+"""grpc.health.v1: the servers' side (status per service name, server reflection, readiness that follows a
+dependency) and the check a client makes (`worldstream health`, the launcher's wait for start-up)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from .logs import log_event
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]
+                                    ) -> health_aio.HealthServicer:
+    """Register grpc.health.v1 (NOT_SERVING until `set_serving`) and server reflection."""
+    health = health_aio.HealthServicer()
+    await set_serving(health, service_names, False)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    return health
+
+
+async def set_serving(health: health_aio.HealthServicer, service_names: Sequence[str], serving: bool) -> None:
+    """Set the overall status ("") and that of every service name."""
+    for name in ("", *service_names):
+        await health.set(name, SERVING if serving else NOT_SERVING)
+
+
+async def follow_dependency(health: health_aio.HealthServicer, service_names: Sequence[str],
+                            ready: Callable[[], Awaitable[bool]], interval: float, dependency: str,
+                            logger: logging.Logger) -> None:
+    """Report SERVING only while `ready()` says the dependency is: checked now and every `interval` seconds
+    until cancelled. Changes are logged."""
+    serving: bool | None = None
+    while True:
+        try:
+            now = await ready()
+        except Exception:  # a bug in the check must not freeze the reported status
+            logger.exception("readiness check crashed", extra={"fields": {"dependency": dependency}})
+            now = False
+        if now != serving:
+            await set_serving(health, service_names, now)
+            log_event(logger, "serving" if now else f"not serving: {dependency} is not ready",
+                      logging.INFO if now else logging.WARNING, dependency=dependency)
+            serving = now
+        await asyncio.sleep(interval)
+
+
+def serving_status(address: str, timeout: float = 3.0) -> str:
+    """The overall health status name of the server at `address` (SERVING, NOT_SERVING, ...) or the gRPC error
+    code name when it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            return err.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
