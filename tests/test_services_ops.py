@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from service_harness import (REPO, SMALL_FRAMES, health_status, metric_value, metrics_text, png_bytes,
                              running_services, wait_for)
-from worldstream.api.actions import get_action_space
+from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, start_request
 from worldstream.v1 import session_pb2, session_pb2_grpc
 
@@ -63,7 +63,7 @@ def drop_client(address: str, how: int) -> None:
 
 KILLED_CLIENT = """
 import sys
-from worldstream.api.actions import get_action_space
+from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, start_request
 stream = SessionStream(sys.argv[1], start_request(open(sys.argv[2], "rb").read(), "universal", max_blocks=30))
 stream.send(get_action_space("universal").from_names(["forward"]))

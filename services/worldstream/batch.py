@@ -18,10 +18,12 @@ import torch
 from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from worldstream.api.actions import BlockAction, planned_actions
+from worldstream.api.spaces import BlockAction, get_action_space
+from worldstream.api.trajectory import load_trajectory, planned_actions
 from worldstream.client.video import VideoWriter
 
 from .engine.config import config_from_args
+from .engine.action_track import config_layout
 from .engine.encoder import EncoderModels
 from .engine.generator import DecoderModels
 from .media import load_image
@@ -52,7 +54,7 @@ def generate(cfg: DictConfig, image_path: Path, actions: list[BlockAction], out:
                 result = session.run_block(cond, action)
                 latencies.append(time.perf_counter() - t0)
                 first_frame = first_frame or time.perf_counter() - started
-                writer.write(result.frames, action)
+                writer.write(result.frames.numpy(), action)
         finally:
             session.close()
             conditioning.close()
@@ -60,7 +62,7 @@ def generate(cfg: DictConfig, image_path: Path, actions: list[BlockAction], out:
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile_path))
     total = time.perf_counter() - started
-    frames = sum(session.pixel_frames(b) for b in range(len(actions)))
+    frames = decoder_models.layout.track_frames(len(actions))
     return {"blocks": len(actions), "frames": frames, "seconds": total, "fps": frames / total,
             "time_to_first_frame": first_frame or 0.0, "mean_block_latency": sum(latencies) / len(latencies)}
 
@@ -70,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
     try:
-        actions = planned_actions(str(cfg.mode), args.blocks, args.trajectory, args.benchmark_seed)
+        space, layout = get_action_space(str(cfg.mode)), config_layout(cfg)
+        trajectory = load_trajectory(args.trajectory, space, layout) if args.trajectory else None
+        actions = planned_actions(space, layout, args.blocks, trajectory, args.benchmark_seed)
     except ValueError as err:
         raise SystemExit(f"worldstream batch: error: {err}") from None
     stats = generate(cfg, args.image, actions, args.out, args.seed, args.overlay, args.profile)

@@ -56,7 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"starting the encoder and decoder services ({args.config}); logs in {log_dir}/", flush=True)
     with ServiceStack(args.config, log_dir, overrides_from_args(args)) as stack:
         print(f"encoder {stack.encoder_address}, decoder {stack.address}", flush=True)
-        return client_main(["--address", stack.address, "--image", str(args.image), "--mode", mode, *source,
+        return client_main(["play", "--address", stack.address, "--image", str(args.image), *source,
                             "--blocks", str(args.blocks), "--out", str(args.out), "--overlay"])  # prints the path
 
 

@@ -22,7 +22,7 @@ import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from worldstream.api.actions import ACTION_SPACES, BlockAction, block_pixel_frames
+from worldstream.api.spaces import ACTION_SPACES, BlockAction
 from ..encoder.client import ConditionFeed, EncoderClient
 from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
 from ..media import encode_jpeg
@@ -62,11 +62,13 @@ class StartOptions:
 
 
 def parse_start(start: session_pb2.StartSession, models: DecoderModels) -> StartOptions:
-    """Check a start request against what this server runs; ServiceError(INVALID_ARGUMENT) says what to fix."""
-    if start.mode not in ACTION_SPACES:
+    """Check a start request against what this server runs; ServiceError(INVALID_ARGUMENT) says what to fix.
+    An empty mode means the server's."""
+    mode = start.mode or models.mode
+    if mode not in ACTION_SPACES:
         raise ServiceError(_INVALID, f"unknown mode {start.mode!r}; Matrix-Game-2 modes are {sorted(ACTION_SPACES)} "
                                      f"and this server runs {models.mode!r}")
-    if start.mode != models.mode:
+    if mode != models.mode:
         raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
                                      f"{start.mode} deployment")
     if not start.image:
@@ -85,7 +87,7 @@ def parse_start(start: session_pb2.StartSession, models: DecoderModels) -> Start
     pacing = start.pacing or session_pb2.PACING_LOCKSTEP
     if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
         raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
-    return StartOptions(start.mode, start.image, start.seed, max_blocks, encoding, quality, pacing)
+    return StartOptions(mode, start.image, start.seed, max_blocks, encoding, quality, pacing)
 
 
 # ---- actions from the client ----------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ class Session:
         self.generation = await self.lane.run(self._open_generation, visual_context)
         await self._send(session_pb2.SessionResponse(info=session_pb2.SessionInfo(
             session_id=self.id, mode=options.mode, height=height, width=width,
-            first_block_frames=block_pixel_frames(0), block_frames=block_pixel_frames(1),
+            first_block_frames=models.layout.first_block_frames, block_frames=models.layout.block_frames,
             fps=int(models.cfg.video.fps), max_blocks=options.max_blocks,
             action_space=action_space_message(self.space), frame_encoding=options.frame_encoding,
             pacing=options.pacing)))
@@ -291,7 +293,8 @@ class Session:
                 raise ServiceError(_OUT_OF_RANGE, f"action #{count + 1} is past the end: the session has "
                                                   f"max_blocks={self.options.max_blocks} blocks, one action each")
             try:
-                action = parse_action(message.action, self.space, count if lockstep else None, f"action #{count + 1}")
+                action = parse_action(message.action, self.space, self.models.layout, count if lockstep else None,
+                                      f"action #{count + 1}")
             except ValueError as e:
                 raise ServiceError(_INVALID, str(e)) from None
             await self.inbox.put(TakenAction(message.action, action, _now()))
