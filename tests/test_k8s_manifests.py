@@ -1,18 +1,29 @@
 """deploy/k8s: the Kubernetes manifests validate against the API schemas of the Kubernetes versions they target
 (kubernetes-validate ships the schemas: no cluster, no network) and agree with each other and with the services:
-ports, probes, selectors, draining times, the encoder pool's address."""
+their command lines, ports, probes, selectors, draining times, the encoder pool's address; and a decoder
+spreads its encoder calls over every address of the pool, as the headless encoder Service needs."""
 from __future__ import annotations
 
+import argparse
+import asyncio
 import copy
 import re
 
+import grpc
+import kubernetes_validate
 import pytest
 import yaml
-import kubernetes_validate
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from conftest import REPO
+from worldstream.cli import build_parser
+from worldstream.encoder.client import ENCODER_SERVICE, EncoderClient
+from worldstream.engine.action_track import config_layout
+from worldstream.engine.config import config_from_args
+from worldstream.serving.metrics import ServiceMetrics
 from worldstream.v1 import session_pb2
 
 K8S = REPO / "deploy" / "k8s"
@@ -71,9 +82,12 @@ def expanded_args(deployment: dict) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in c["args"]]
 
 
-def flag(deployment: dict, name: str) -> str:
-    [value] = [a.split("=", 1)[1] for a in expanded_args(deployment) if a.startswith(f"--{name}=")]
-    return value
+def service_args(deployment: dict) -> argparse.Namespace:
+    """The container's command line as the `worldstream` program parses it: a flag the services do not have, or
+    a bad value, fails here."""
+    c = container(deployment)
+    assert c["command"] == ["worldstream"]
+    return build_parser().parse_args(expanded_args(deployment))
 
 
 def port_named(deployment: dict, name: str) -> int:
@@ -136,7 +150,7 @@ def test_custom_resources_have_the_fields_their_crds_define():
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
         assert re.fullmatch(r"(\d+(ms|s|m|h))+", endpoint["interval"])
         for deployment in scraped:
-            assert port_named(deployment, endpoint["port"]) == int(flag(deployment, "metrics-port"))
+            assert port_named(deployment, endpoint["port"]) == service_args(deployment).metrics_port
 
     gateway = the("Gateway", "worldstream", EXTRAS)
     assert set(gateway["spec"]) == {"gatewayClassName", "listeners"}
@@ -185,17 +199,17 @@ def test_services_budgets_and_policies_select_one_deployment_by_named_ports():
 
 def test_ports_probes_and_metrics_agree_with_the_command_line():
     for deployment in deployments():
-        c = container(deployment)
-        assert c["command"] == ["worldstream"] and expanded_args(deployment)[:2] == ["serve", container(deployment)["name"]]
-        grpc_port, metrics_port = int(flag(deployment, "port")), int(flag(deployment, "metrics-port"))
-        assert (port_named(deployment, "grpc"), port_named(deployment, "metrics")) == (grpc_port, metrics_port)
+        c, args = container(deployment), service_args(deployment)
+        assert (args.command, args.service) == ("serve", c["name"])
+        config_from_args(args)  # the config exists and loads (strictly)
+        assert (port_named(deployment, "grpc"), port_named(deployment, "metrics")) == (args.port, args.metrics_port)
         # Listening on loopback (the services' default) would hide both from the kubelet and from Prometheus.
-        assert flag(deployment, "host") == flag(deployment, "metrics-host") == "0.0.0.0"
+        assert args.host == args.metrics_host == "0.0.0.0"
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
-        assert int(annotations["prometheus.io/port"]) == metrics_port
+        assert int(annotations["prometheus.io/port"]) == args.metrics_port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == grpc_port
+            assert c[probe]["grpc"]["port"] == args.port
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 10 * 60, "cold torch.compile takes minutes"
         assert c["readinessProbe"]["periodSeconds"] * c["readinessProbe"]["failureThreshold"] <= 15
@@ -206,17 +220,16 @@ def test_ports_probes_and_metrics_agree_with_the_command_line():
 def test_decoders_reach_every_encoder_pod_through_a_headless_service():
     """A ClusterIP balances per connection, and a decoder has one channel to the encoders: it would pin to one
     pod. A headless Service resolves to every ready pod, and the channel spreads streams over them."""
-    address = flag(the("Deployment", "decoder"), "encoder-address")
-    match = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", address)
-    assert match, address
+    decoder = service_args(the("Deployment", "decoder"))
+    match = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", decoder.encoder_address)
+    assert match, decoder.encoder_address
     service = the("Service", match.group(1))
     assert match.group(2) == service["metadata"]["namespace"]
     assert service["spec"]["clusterIP"] == "None"
     [encoder] = pods_matching(service["spec"]["selector"])
     assert encoder["metadata"]["name"] == "encoder"
-    assert int(match.group(3)) == int(flag(encoder, "port"))
-    # Both serve the same config (mode).
-    assert flag(encoder, "config") == flag(the("Deployment", "decoder"), "config")
+    assert int(match.group(3)) == service_args(encoder).port
+    assert service_args(encoder).config == decoder.config, "both serve the same config (mode)"
 
 
 def test_the_encoder_api_is_reachable_from_decoder_pods_only():
@@ -236,9 +249,18 @@ def test_draining_outlasts_preStop_grace_and_a_block():
     for deployment in deployments():
         spec = deployment["spec"]["template"]["spec"]
         pre_stop = container(deployment)["lifecycle"]["preStop"]["sleep"]["seconds"]
-        grace = float(flag(deployment, "grace"))
+        grace = service_args(deployment).grace
         assert spec["terminationGracePeriodSeconds"] > pre_stop + grace + LONGEST_BLOCK_SECONDS
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_a_draining_encoder_feeds_its_sessions_to_the_end():
+    """A stopping encoder keeps its running Encode streams, and each one feeds a decoder session to its end:
+    --grace covers the longest session at realtime pace (max_blocks blocks of frames at the config's fps)."""
+    args = service_args(the("Deployment", "encoder"))
+    cfg = config_from_args(args)
+    session_seconds = config_layout(cfg).track_frames(int(cfg.limits.max_blocks)) / cfg.video.fps
+    assert session_seconds < args.grace < session_seconds * 1.25
 
 
 def test_gpus_security_and_volumes():
@@ -261,3 +283,41 @@ def test_gpus_security_and_volumes():
         assert volumes[compile_cache["name"]]["persistentVolumeClaim"]["claimName"] == cache["metadata"]["name"]
         # The root filesystem is read-only: what Python, torch and Triton write goes to an emptyDir.
         assert "emptyDir" in volumes[mounts[env["HOME"]]["name"]]
+
+
+def test_a_decoder_spreads_its_encoder_calls_over_every_address_of_the_pool():
+    """What the headless Service gives a decoder is one name with an address per encoder pod. The decoder's
+    channel must use them all (gRPC's default policy, pick_first, sends everything to the first address).
+    Here two real gRPC servers stand for two encoder pods behind one multi-address target."""
+    class CountingHealth(health_aio.HealthServicer):
+        def __init__(self):
+            super().__init__()
+            self.checks = 0
+
+        async def Check(self, request, context):
+            self.checks += 1
+            return await super().Check(request, context)
+
+    async def run() -> list[int]:
+        pods, ports = [], []
+        for _ in range(2):
+            server, servicer = grpc.aio.server(), CountingHealth()
+            await servicer.set(ENCODER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            ports.append(server.add_insecure_port("127.0.0.1:0"))
+            await server.start()
+            pods.append((server, servicer))
+        client = EncoderClient("ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports), ServiceMetrics("decoder"))
+        try:
+            for _ in range(40):  # the second connection may still be coming up for the first calls
+                assert await client.serving(timeout=5.0)
+                if all(servicer.checks >= 3 for _, servicer in pods):
+                    break
+        finally:
+            await client.close()
+            for server, _ in pods:
+                await server.stop(None)
+        return [servicer.checks for _, servicer in pods]
+
+    checks = asyncio.run(run())
+    assert min(checks) >= 3, f"health checks per encoder address: {checks}"
