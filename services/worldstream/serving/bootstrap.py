@@ -69,7 +69,10 @@ def server_options(max_receive_bytes: int, max_send_bytes: int = DEFAULT_MAX_SEN
             ("grpc.max_send_message_length", max_send_bytes),
             # Dead peers are noticed within ~30 s even when a session waits for them.
             ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
+            # A connection is closed (GOAWAY) after ~5 min; its running calls go on to their end. Clients then
+            # re-resolve, so decoders find encoder pods added to a pool (dns:///, docs/deploy.md).
+            ("grpc.max_connection_age_ms", 300_000)]
 
 
 def serve(process: str, args: argparse.Namespace, build: Callable[[ServiceMetrics], Service]) -> int:
