@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from worldstream.engine import block_loop, generator, scheduler
+from worldstream.engine import block_loop, cuda_graphs, generator, scheduler
 from worldstream.engine.builders import build_dit, dit_config
 from worldstream.engine.config import load_config
 from worldstream.models import action_module, causal_wan, kv_cache, rope, wan_vae
@@ -83,9 +83,11 @@ def test_missing_checkpoint_file_is_named(tmp_path):
 # The block loop's hot path: everything called per block / per denoising step.
 HOT_PATH = [
     block_loop.BlockDenoiser.denoise, block_loop.GaussianNoise.__call__, generator.GenerationSession.generate,
+    block_loop.SessionDiT.__call__, cuda_graphs.GraphedSessionDiT.__call__, cuda_graphs.GraphedSessionDiT._load,
     scheduler.flow_to_x0, scheduler.renoise, kv_cache.RollingKVCache.update, rope.apply_rope,
     action_module.rms_normalize, action_module.ActionModule.forward, action_module.ActionModule._windows,
-    causal_wan.CausalWanModel.forward, causal_wan.CausalWanModel._rope, causal_wan.CausalWanBlock.forward,
+    causal_wan.CausalWanModel.forward, causal_wan.CausalWanModel.forward_at, causal_wan.CausalWanModel.ring_slots,
+    causal_wan.CausalWanModel._rope, causal_wan.CausalWanBlock.forward,
     causal_wan.SelfAttention.forward, causal_wan.CrossAttention.forward, causal_wan.Head.forward,
     causal_wan.RMSNorm.forward, causal_wan.LayerNorm.forward, causal_wan.attention, causal_wan.sinusoidal_embedding,
     wan_vae.VAEDecodeStream.decode, wan_vae.WanVAEDecoder.forward, wan_vae.Decoder3d.forward,

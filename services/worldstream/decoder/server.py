@@ -31,7 +31,7 @@ class WorldSessionService(session_pb2_grpc.WorldSessionServiceServicer):
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         models = await loop.run_in_executor(None, DecoderModels.build, self.cfg)
-        await loop.run_in_executor(None, models.warm_up, self.warmup_blocks)
+        await loop.run_in_executor(None, models.warm_up, self.warmup_blocks, self.manager.max_sessions)
         self.manager.models = models
         log_event(log, "models loaded", mode=models.mode, device=str(models.device), max_blocks=models.max_blocks,
                   warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))

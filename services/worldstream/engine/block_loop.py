@@ -33,26 +33,48 @@ class GaussianNoise:
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
 
+class SessionDiT:
+    """One session's DiT caches and the DiT call on them (eager or compiled layer by layer)."""
+
+    def __init__(self, model: CausalWanModel, caches: DiTCaches):
+        self.model = model
+        self.caches = caches
+
+    @classmethod
+    def create(cls, model: CausalWanModel, batch: int, latent_shape: tuple[int, int, int], context_tokens: int,
+               **kwargs) -> "SessionDiT":
+        param = next(model.parameters())
+        _, ph, pw = model.cfg.patch_size
+        tokens_per_frame = (latent_shape[1] // ph) * (latent_shape[2] // pw)
+        return cls(model, model.new_caches(batch, tokens_per_frame, context_tokens, param.device, param.dtype),
+                   **kwargs)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, start_frame: int,
+                 keyboard_rows: torch.Tensor | None, mouse_rows: torch.Tensor | None) -> torch.Tensor:
+        return self.model(x, t, cond, self.caches, start_frame, keyboard_rows, mouse_rows)
+
+    def release(self) -> None:
+        self.caches.release()
+
+
 class BlockDenoiser:
-    """Runs blocks of one session through the DiT, owning the session's DiT caches."""
+    """Runs blocks of one session through the DiT, on the session's DiT caches (`dit`; new caches if None)."""
 
     def __init__(self, model: CausalWanModel, visual_context: torch.Tensor, latent_shape: tuple[int, int, int],
                  timesteps: list[float], schedule: FlowMatchSchedule, context_noise: float, noise: NoiseSource,
-                 frames_per_block: int = 3):
+                 frames_per_block: int = 3, dit: SessionDiT | None = None):
         param = next(model.parameters())
         self.model = model
         self.device, self.dtype = param.device, param.dtype
         self.frames_per_block = frames_per_block
         channels, height, width = latent_shape
-        self.block_shape = (visual_context.shape[0], channels, frames_per_block, height, width)
-        pt, ph, pw = model.cfg.patch_size
-        tokens_per_frame = (height // ph) * (width // pw)
-        self.caches: DiTCaches = model.new_caches(visual_context.shape[0], tokens_per_frame, self.device, self.dtype)
-        model.set_context(self.caches, visual_context.to(self.device, self.dtype))
+        batch, context_tokens = visual_context.shape[:2]
+        self.block_shape = (batch, channels, frames_per_block, height, width)
+        self.dit = dit if dit is not None else SessionDiT.create(model, batch, latent_shape, context_tokens)
+        model.set_context(self.dit.caches, visual_context.to(self.device, self.dtype))
         self.noise = noise
         self.timesteps = timesteps
         self.sigmas = [schedule.sigma(t) for t in timesteps]
-        batch = self.block_shape[0]
         self.step_t = [torch.full((batch, frames_per_block), t, device=self.device, dtype=torch.float32)
                        for t in timesteps]
         self.context_t = torch.full((batch, frames_per_block), float(context_noise), device=self.device,
@@ -73,7 +95,7 @@ class BlockDenoiser:
         mouse = mouse_rows.to(self.device) if mouse_rows is not None else None
 
         def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model(x, t, cond, self.caches, start, kb, mouse)
+            return self.dit(x, t, cond, start, kb, mouse)
 
         x = self.noise(self._template)
         x0 = x
@@ -102,4 +124,4 @@ class BlockDenoiser:
         return x0
 
     def release(self) -> None:
-        self.caches.release()
+        self.dit.release()

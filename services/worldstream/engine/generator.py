@@ -5,6 +5,7 @@ front-ends both call `GenerationSession.run_block` block after block: one core, 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from ..models.kv_cache import RingSlots
 from ..models.wan_vae import VAEDecodeStream, WanVAEDecoder, split_vae_state_dict
 from .action_track import ActionTrack, config_layout
 from .block_loop import BlockDenoiser, GaussianNoise, NoiseSource
+from .cuda_graphs import DiTGraphPool
 from .builders import build_dit, building, load_weights, resolve_device, resolve_dtype
 from .scheduler import FlowMatchSchedule
 
@@ -103,6 +105,9 @@ class DecoderModels:
         self.frames_per_block = int(pipe.frames_per_block)
         self.latent_shape = (int(cfg.dit.out_dim), int(cfg.video.height) // 8, int(cfg.video.width) // 8)
         self.max_blocks = int(cfg.limits.max_blocks)
+        # CUDA graphs of the DiT call (captured by `warm_up`); on a CPU every call runs op by op.
+        self.dit_graphs = (DiTGraphPool(self.dit, self.latent_shape, self.condition_shapes()["visual_context"][1])
+                           if self.device.type == "cuda" and cfg.cuda_graphs else None)
 
     def condition_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the conditioning tensors a session consumes (what the encoder side produces)."""
@@ -111,12 +116,15 @@ class DecoderModels:
         return {"visual_context": (1, 1 + (int(clip.image_size) // int(clip.patch_size)) ** 2, int(self.cfg.dit.clip_dim)),
                 "cond_concat": (1, int(self.cfg.dit.in_dim) - channels, self.frames_per_block, height, width)}
 
-    def warm_up(self, blocks: int | None = None) -> float:
-        """Run a throwaway session on neutral conditioning so that lazy start-up work (CUDA context, kernel
-        selection, torch.compile) happens here and not in a user's first blocks. Returns the seconds it took.
+    def warm_up(self, blocks: int | None = None, sessions: int = 1) -> float:
+        """Run throwaway sessions on neutral conditioning so that lazy start-up work (CUDA context, kernel
+        selection, torch.compile, CUDA graph capture) happens here and not in a user's first blocks. Returns
+        the seconds it took.
 
         By default it runs until the DiT's ring phases repeat (3 blocks at 3 frames per block, window 6): every
-        shape the compiled block loop takes, including the VAE decoder's first-latent cache shapes."""
+        shape the compiled block loop takes, including the VAE decoder's first-latent cache shapes. With CUDA
+        graphs, each of the `sessions` concurrent sessions gets a cache set with a graph per phase; later
+        sessions beyond that many run the DiT without graphs."""
         start = time.perf_counter()
         if blocks is None:
             phases: list[RingSlots] = []
@@ -129,12 +137,17 @@ class DecoderModels:
             shapes = self.condition_shapes()
             context = torch.zeros(shapes["visual_context"], device=self.device, dtype=dtype)
             cond = torch.zeros(shapes["cond_concat"], device=self.device, dtype=dtype)
-            session = self.open_session(context, seed=0, max_blocks=blocks)
-            try:
+            if self.dit_graphs is None:
+                capturing, sessions = contextlib.nullcontext(), 1  # one session warms up everything else
+            else:
+                capturing = self.dit_graphs.capturing(sessions)
+            with capturing, contextlib.ExitStack() as opened:
+                throwaway = [self.open_session(context, seed=0, max_blocks=blocks) for _ in range(sessions)]
+                for session in throwaway:
+                    opened.callback(session.close)
                 for _ in range(blocks):
-                    session.run_block(cond, self.action_space.idle_action())
-            finally:
-                session.close()
+                    for session in throwaway:
+                        session.run_block(cond, self.action_space.idle_action())
         return time.perf_counter() - start
 
     @classmethod
@@ -159,7 +172,8 @@ class GenerationSession:
         self.track = ActionTrack.for_space(models.action_space, models.layout, max_blocks)
         self.denoiser = BlockDenoiser(models.dit, visual_context, models.latent_shape, models.timesteps,
                                       models.schedule, float(models.cfg.pipeline.context_noise),
-                                      noise or GaussianNoise(seed, device), models.frames_per_block)
+                                      noise or GaussianNoise(seed, device), models.frames_per_block,
+                                      models.dit_graphs.take() if models.dit_graphs else None)
         self.vae = VAEDecodeStream(models.vae)
         self.closed = False
 

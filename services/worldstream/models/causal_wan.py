@@ -211,13 +211,17 @@ class CausalWanModel(nn.Module):
             self.register_buffer(f"rope_sin_{name}", a.sin().float(), persistent=False)
 
     # -- session state -------------------------------------------------------------------------------------------
-    def new_caches(self, batch: int, tokens_per_frame: int, device, dtype) -> DiTCaches:
+    def new_caches(self, batch: int, tokens_per_frame: int, context_tokens: int, device, dtype) -> DiTCaches:
+        """Every cache of a session, preallocated (`set_context` fills the cross-attention ones in place)."""
         cfg = self.cfg
         window = cfg.local_attn_size
         head_dim = cfg.dim // cfg.num_heads
+        cross_shape = (batch, context_tokens, cfg.num_heads, head_dim)
         caches = DiTCaches()
         for block in self.blocks:
-            layer = LayerCaches(RollingKVCache(batch, window, tokens_per_frame, cfg.num_heads, head_dim, device, dtype))
+            layer = LayerCaches(RollingKVCache(batch, window, tokens_per_frame, cfg.num_heads, head_dim, device, dtype),
+                                torch.empty(cross_shape, device=device, dtype=dtype),
+                                torch.empty(cross_shape, device=device, dtype=dtype))
             if block.action_model is not None:
                 for name, cache in block.action_model.new_caches(batch, tokens_per_frame, window, device, dtype).items():
                     setattr(layer, name, cache)
@@ -225,15 +229,26 @@ class CausalWanModel(nn.Module):
         return caches
 
     def set_context(self, caches: DiTCaches, visual_context: torch.Tensor) -> None:
-        """Project the CLIP tokens once per session and cache every layer's cross-attention keys/values."""
+        """Project the CLIP tokens once per session into every layer's cross-attention keys/values (in place:
+        captured CUDA graphs read these buffers)."""
         context = self.img_emb(visual_context)
         for block, layer in zip(self.blocks, caches.layers):
-            layer.cross_k, layer.cross_v = block.cross_attn.context_kv(context)
+            k, v = block.cross_attn.context_kv(context)
+            layer.cross_k.copy_(k)
+            layer.cross_v.copy_(v)
 
     # -- one block --------------------------------------------------------------------------------------------------
-    def _rope(self, frames: int, h: int, w: int, start_frame: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def ring_slots(self, start_frame: int, frames: int) -> RingSlots:
+        """Where a call of `frames` latent frames starting at `start_frame` lands in the caches (checked)."""
+        if start_frame + frames > ROPE_MAX_FRAMES:
+            raise ValueError(f"latent frame {start_frame + frames - 1} is past the RoPE table ({ROPE_MAX_FRAMES})")
+        return RingSlots.of(start_frame, frames, self.cfg.local_attn_size)
+
+    def _rope(self, frame_index: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = frame_index.shape[0]
+
         def grid(table_t, table_h, table_w):
-            t = table_t[start_frame:start_frame + frames, None, None, :].expand(frames, h, w, -1)
+            t = table_t[frame_index][:, None, None, :].expand(frames, h, w, -1)
             hh = table_h[None, :h, None, :].expand(frames, h, w, -1)
             ww = table_w[None, None, :w, :].expand(frames, h, w, -1)
             return torch.cat([t, hh, ww], dim=-1).reshape(frames * h * w, 1, -1)  # [L, 1 (heads), D/2]
@@ -246,9 +261,18 @@ class CausalWanModel(nn.Module):
                 mouse_rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 16, n, H, W] noisy latents, timestep [B, n] (float), cond_concat [B, 20, n, H, W];
         keyboard_rows/mouse_rows [B, 4n+8, K] the action rows this block's windows read. Returns the flow."""
+        frames = x.shape[2]
+        slots = self.ring_slots(start_frame, frames)
+        frame_index = torch.arange(start_frame, start_frame + frames, device=x.device)
+        return self.forward_at(x, timestep, cond_concat, caches, slots, frame_index, keyboard_rows, mouse_rows)
+
+    def forward_at(self, x: torch.Tensor, timestep: torch.Tensor, cond_concat: torch.Tensor, caches: DiTCaches,
+                   slots: RingSlots, frame_index: torch.Tensor, keyboard_rows: torch.Tensor | None = None,
+                   mouse_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` with the positions given as the ring phase `slots` and the device tensor `frame_index` [n]
+        (the block's absolute latent frames): nothing here depends on the absolute frame as a Python value, so
+        one CUDA graph captured per ring phase replays for every block of that phase."""
         b, _, frames, height, width = x.shape
-        if start_frame + frames > ROPE_MAX_FRAMES:
-            raise ValueError(f"latent frame {start_frame + frames - 1} is past the RoPE table ({ROPE_MAX_FRAMES})")
         pt, ph, pw = self.cfg.patch_size
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1).to(self.patch_embedding.weight.dtype))
         gh, gw = tokens.shape[3], tokens.shape[4]
@@ -256,9 +280,7 @@ class CausalWanModel(nn.Module):
 
         e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, timestep.flatten()).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, (b, frames))  # [B, n, 6, dim]
-        rope_cos, rope_sin = self._rope(frames, gh, gw, start_frame)
-        slots = RingSlots.of(start_frame, frames, self.cfg.local_attn_size)
-        frame_index = torch.arange(start_frame, start_frame + frames, device=tokens.device)
+        rope_cos, rope_sin = self._rope(frame_index, gh, gw)
 
         for block, layer in zip(self.blocks, caches.layers):
             tokens = block(tokens, e0, rope_cos, rope_sin, layer, slots, frame_index, keyboard_rows, mouse_rows)

@@ -67,8 +67,8 @@ class LayerCaches:
     """Caches of one transformer layer."""
 
     self_attn: RollingKVCache
-    cross_k: torch.Tensor | None = None  # [B, context_tokens, heads, head_dim], computed once per session
-    cross_v: torch.Tensor | None = None
+    cross_k: torch.Tensor  # [B, context_tokens, heads, head_dim], written once per session (`set_context`)
+    cross_v: torch.Tensor
     mouse: RollingKVCache | None = None
     keyboard: RollingKVCache | None = None
 
