@@ -1,6 +1,8 @@
 """Wan 2.1 VAE: golden parity (encode, streaming decode), checkpoint key layout, streaming equivalences."""
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,8 @@ from conftest import load_golden
 from worldstream.engine.conditioning import CondConcatStream, SteadyCondConcat, image_free_block, preprocess_image
 from worldstream.engine.config import load_config
 from worldstream.golden.vae import CHECKS
-from worldstream.models.wan_vae import (VAEDecodeStream, VAEEncodeStream, WanVAEDecoder, WanVAEEncoder,
-                                        split_vae_state_dict)
+from worldstream.models.wan_vae import (SteadyFullRate, VAEDecodeStream, VAEEncodeStream, WanVAEDecoder,
+                                        WanVAEEncoder, split_vae_state_dict)
 
 # Wan2.1_VAE.pth: 194 tensors, 126,892,531 parameters (73,295,603 in the decoder half); 4 bytes each plus
 # ~40 KB of zip/pickle framing gives the published 507,609,880-byte file.
@@ -150,6 +152,7 @@ def test_image_leaves_the_encoder_receptive_field_at_latent_29():
     assert image_free_block(vae, frames_per_block=1) == 29
     assert image_free_block(vae, frames_per_block=3) == 10  # block 9 = latents 27..29
     assert image_free_block(vae, frames_per_block=4) == 8
+    assert SteadyFullRate.of_config(vae).chunk == 6  # conv1 + 8 convs at full rate: frame 0 reaches frame 18
 
 
 def test_cond_concat_is_the_same_for_every_image_from_the_image_free_block():
@@ -168,19 +171,26 @@ def test_cond_concat_is_the_same_for_every_image_from_the_image_free_block():
 
 
 def test_steady_cond_concat_is_computed_once_and_shared():
+    """A stream that fills the shared steady tensors and one that reuses them give exactly the plain encode."""
     encoder = _random_(WanVAEEncoder(dim=4), seed=8)
     images = [torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (9, 10)]
-    steady = SteadyCondConcat(image_free_block({"dim": 4}, 3))
-    plain = CondConcatStream(encoder, images[0], frames_per_block=3)
-    expected = [plain.next_block() for _ in range(steady.block + 2)]
+    steady = SteadyCondConcat.of_config({"dim": 4}, 3)
+    assert (steady.block, steady.full_rate.chunk) == (10, 6)
+    blocks = steady.block + 2
+    plain = [[stream.next_block() for _ in range(blocks)]
+             for stream in (CondConcatStream(encoder, image, frames_per_block=3) for image in images)]
     filling = CondConcatStream(encoder, images[0], frames_per_block=3, steady=steady)
-    assert all(torch.equal(filling.next_block(), e) for e in expected)
-    assert steady.value is not None and filling._stream is None  # caches dropped once the steady block is known
+    assert all(torch.equal(filling.next_block(), e) for e in plain[0])
+    assert steady.value is not None and steady.full_rate.value is not None
+    assert filling._stream is None  # caches dropped once the steady block is known
 
     reusing = CondConcatStream(encoder, images[1], frames_per_block=3, steady=steady)
-    blocks = [reusing.next_block() for _ in range(steady.block + 2)]
-    assert blocks[steady.block] is steady.value and blocks[-1] is steady.value
-    assert reusing.block_index == steady.block + 2
+    with mock.patch.object(encoder.encoder, "full_rate", wraps=encoder.encoder.full_rate) as full_rate:
+        got = [reusing.next_block() for _ in range(blocks)]
+    assert full_rate.call_count == steady.full_rate.chunk  # chunks 0-5 (blocks 0-1); blocks 2-9 skip them
+    assert all(torch.equal(g, e) for g, e in zip(got, plain[1]))
+    assert got[steady.block] is steady.value and got[-1] is steady.value
+    assert reusing.block_index == blocks
 
 
 def test_decode_in_blocks_matches_one_call():

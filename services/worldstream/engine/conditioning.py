@@ -10,6 +10,8 @@ start of every conv, reaches latents 0..28 only (9 convs at full rate, +18 frame
 first temporal downsample; 9 at quarter rate after the second). From latent 29 on every latent is the same
 function of zero frames alone, computed by the same kernels on the same shapes: block 10 and every later block
 equal each other bit for bit, whatever the image. `SteadyCondConcat` computes that block once per process.
+The same holds earlier for the encoder's full-rate layers (frame 0 reaches their frame 18): from chunk 6
+(block 2) on their output is shared too (`SteadyFullRate`), which leaves a quarter of the work for blocks 2-9.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.wan_vae import VAEEncodeStream, WanVAEEncoder
+from ..models.wan_vae import SteadyFullRate, VAEEncodeStream, WanVAEEncoder, probe_encoder
 
 MASK_CHANNELS = 4  # cond_concat = [mask (1 on the image's latent frame), normalised latent]
 
@@ -45,14 +47,11 @@ def image_free_block(vae: dict, frames_per_block: int, limit: int = 256) -> int:
     """Index of the first block whose `cond_concat` does not depend on the image, for a Wan VAE encoder of
     config `vae` (the keyword arguments of `WanVAEEncoder`).
 
-    Found by running a NaN image through a 1-channel-wide copy of the encoder on the CPU: a NaN reaches every
-    output that depends on it, and nothing else, so the first NaN-free block is exact for this code; width and
-    picture size do not change which frames a temporal conv reads. Frame 0's reach is a run of latents from
-    latent 0, so every later block is image-free too.
+    Found by running a NaN image through a probe copy of the encoder (`probe_encoder`): the first NaN-free
+    block is exact for this code. Frame 0's reach is a run of latents from latent 0, so every later block is
+    image-free too.
     """
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        probe = WanVAEEncoder(**{**vae, "dim": 1}).float().eval()
-    stream = CondConcatStream(probe, torch.full((1, 3, 8, 8), float("nan")), frames_per_block)
+    stream = CondConcatStream(probe_encoder(vae), torch.full((1, 3, 8, 8), float("nan")), frames_per_block)
     for block in range(limit):
         if not stream.next_block().isnan().any():
             return block
@@ -62,11 +61,16 @@ def image_free_block(vae: dict, frames_per_block: int, limit: int = 256) -> int:
 class SteadyCondConcat:
     """The `cond_concat` of every block from `block` on (the encoding of zero frames only, see above), shared by
     all sessions of a process: filled by the first stream that gets there (the encoder's warm-up), then handed
-    out without encoding. Read-only for its users."""
+    out without encoding. Read-only for its users. `full_rate` is the same for the full-rate layers' output."""
 
-    def __init__(self, block: int):
+    def __init__(self, block: int, full_rate: SteadyFullRate | None = None):
         self.block = block
+        self.full_rate = full_rate
         self.value: torch.Tensor | None = None
+
+    @classmethod
+    def of_config(cls, vae: dict, frames_per_block: int) -> "SteadyCondConcat":
+        return cls(image_free_block(vae, frames_per_block), SteadyFullRate.of_config(vae))
 
 
 class CondConcatStream:
@@ -81,7 +85,7 @@ class CondConcatStream:
                  steady: SteadyCondConcat | None = None):
         if image.dim() != 4 or image.shape[:2] != (1, 3):
             raise ValueError(f"expected an image [1, 3, H, W], got {list(image.shape)}")
-        self._stream: VAEEncodeStream | None = VAEEncodeStream(encoder)
+        self._stream: VAEEncodeStream | None = VAEEncodeStream(encoder, steady.full_rate if steady else None)
         self._image: torch.Tensor | None = image
         self._zero_frames = image.new_zeros(1, 3, 4 * frames_per_block, *image.shape[2:])
         self._block_index = 0

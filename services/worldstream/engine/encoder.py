@@ -14,7 +14,7 @@ from PIL import Image
 from ..models.clip import CLIPVisionTower, clip_visual_state_dict
 from ..models.wan_vae import WanVAEEncoder, split_vae_state_dict
 from .builders import building, load_weights, resolve_device, resolve_dtype
-from .conditioning import CondConcatStream, SteadyCondConcat, image_free_block, preprocess_image
+from .conditioning import CondConcatStream, SteadyCondConcat, preprocess_image
 
 
 class EncoderModels:
@@ -34,7 +34,7 @@ class EncoderModels:
                                 seed_offset=3).eval()
         self.clip = load_weights(clip, cfg, cfg.checkpoints.clip, select=clip_visual_state_dict,
                                  seed_offset=4).eval()
-        self.steady = SteadyCondConcat(image_free_block(dict(cfg.vae), self.frames_per_block))
+        self.steady = SteadyCondConcat.of_config(dict(cfg.vae), self.frames_per_block)
 
     @classmethod
     def build(cls, cfg: DictConfig) -> "EncoderModels":

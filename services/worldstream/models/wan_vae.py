@@ -208,10 +208,21 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(out_dim, images=False), nn.SiLU(),
                                   CausalConv3d(out_dim, z_dim, 3, padding=1, cache_slot=next(slots)))
         self.num_cache_slots = next(slots)
+        # The layers before the first temporal downsampling run at the input's frame rate (~3/4 of the FLOPs).
+        self.full_rate_layers = next((i for i, m in enumerate(self.downsamples)
+                                      if isinstance(m, Resample) and m.mode == "downsample3d"), len(self.downsamples))
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return self.reduced_rate(self.full_rate(x, cache), cache)
+
+    def full_rate(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = self.conv1(x, cache)
-        for layer in (*self.downsamples, *self.middle):
+        for layer in self.downsamples[:self.full_rate_layers]:
+            x = layer(x, cache)
+        return x
+
+    def reduced_rate(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        for layer in (*self.downsamples[self.full_rate_layers:], *self.middle):
             x = layer(x, cache)
         norm, _, conv = self.head
         return conv(F.silu(norm(x)), cache)
@@ -291,21 +302,31 @@ class WanVAEEncoder(_LatentStats):
         self.encoder = Encoder3d(dim, z_dim * 2, dim_mult, num_res_blocks, attn_scales, temperal_downsample)
         self.conv1 = CausalConv3d(z_dim * 2, z_dim * 2, 1)
 
-    def forward(self, video: torch.Tensor, cache: Cache, starts_video: bool) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, cache: Cache, starts_video: bool, first_chunk: int = 0,
+                steady: "SteadyFullRate | None" = None) -> torch.Tensor:
         """Encode frames continuing the stream held in `cache`; chunks of 4 frames, led by a 1-frame chunk
-        when `starts_video`. Returns (mu - mean) * (1/std) in float32 (log-variance discarded)."""
+        when `starts_video`; `first_chunk` is the stream's index of the first one (see `SteadyFullRate`).
+        Returns (mu - mean) * (1/std) in float32 (log-variance discarded)."""
         video = video.to(self.conv1.weight.dtype)
         sizes = [1] * starts_video + [4] * ((video.shape[2] - starts_video) // 4)
-        return torch.cat([self._encode_chunk(chunk, cache) for chunk in video.split(sizes, dim=2)], 2)
+        return torch.cat([self._encode_chunk(chunk, cache, first_chunk + i, steady)
+                          for i, chunk in enumerate(video.split(sizes, dim=2))], 2)
 
-    def _encode_chunk(self, chunk: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def _encode_chunk(self, chunk: torch.Tensor, cache: Cache, index: int,
+                      steady: "SteadyFullRate | None") -> torch.Tensor:
         """One chunk (1 or 4 frames) -> its normalised latent frame.
 
         The reference runs `conv1` and the normalisation over all chunks at once; both are per-frame, and
         running them per chunk keeps the result independent of how a video is split over calls (a 1×1×1 conv
         over a different number of frames may round differently).
         """
-        mu = self.conv1(self.encoder(chunk, cache))[:, :self.z_dim].float()
+        if steady is not None and index >= steady.chunk and steady.value is not None:
+            x = steady.value  # the full-rate layers' caches are never read again
+        else:
+            x = self.encoder.full_rate(chunk, cache)
+            if steady is not None and index >= steady.chunk:
+                steady.value = x
+        mu = self.conv1(self.encoder.reduced_rate(x, cache))[:, :self.z_dim].float()
         view = (1, self.z_dim, 1, 1, 1)
         return (mu - self.latent_mean.view(view)) * (1.0 / self.latent_std).view(view)
 
@@ -350,15 +371,50 @@ def split_vae_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 # Per-session streams
 # ---------------------------------------------------------------------------------------------------------
 
+def probe_encoder(vae: dict) -> WanVAEEncoder:
+    """A 1-channel-wide float32 CPU copy of an encoder of config `vae` (the keyword arguments of WanVAEEncoder),
+    for NaN probes of its temporal receptive field: a NaN reaches every output that depends on it and nothing
+    else, and width and picture size do not change which frames a temporal conv reads."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        return WanVAEEncoder(**{**vae, "dim": 1}).float().eval()
+
+
+class SteadyFullRate:
+    """The output of the encoder's full-rate layers (`Encoder3d.full_rate`) for a chunk of zero frames that the
+    stream's first frame no longer reaches: chunk `chunk` and later (chunk 0 = the first frame, chunk k = frames
+    4k-3..4k). Those layers are causal convs without recurrence, so such a chunk's output is a function of zero
+    frames alone, computed by the same kernels on the same shapes: the same tensor, bit for bit, for every such
+    chunk of every stream with these weights. Filled by the first stream that gets there; read-only."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+        self.value: torch.Tensor | None = None
+
+    @classmethod
+    @torch.inference_mode()
+    def of_config(cls, vae: dict, limit: int = 256) -> "SteadyFullRate":
+        """With `chunk` found by a NaN probe: 6 at the Wan 2.1 config (9 convs: frame 0 reaches frame 18)."""
+        probe = probe_encoder(vae).encoder
+        cache: Cache = [None] * probe.num_cache_slots
+        probe.full_rate(torch.full((1, 3, 1, 8, 8), float("nan")), cache)
+        for chunk in range(1, limit):
+            if not probe.full_rate(torch.zeros(1, 3, 4, 8, 8), cache).isnan().any():
+                return cls(chunk)
+        raise ValueError(f"the first frame still reaches chunk {limit - 1}: not a causal encoder")
+
+
 class VAEEncodeStream:
     """One session's causal encode: feed [B,3,T,H,W] in [-1,1] with T = 1 + 4k first, then T = 4k.
 
-    Splitting a video over several `encode` calls gives the same latents as one call.
+    Splitting a video over several `encode` calls gives the same latents as one call. With `steady`, chunks
+    of zero frames past the first frame's reach skip the full-rate layers (exact, see `SteadyFullRate`): only
+    feed zero frames after the first chunk then, as the image-to-video conditioning does.
     Drop the object (or call `close`) to free its caches.
     """
 
-    def __init__(self, encoder: WanVAEEncoder):
+    def __init__(self, encoder: WanVAEEncoder, steady: SteadyFullRate | None = None):
         self.encoder = encoder
+        self.steady = steady
         self.cache: Cache = [None] * encoder.encoder.num_cache_slots
         self.frames_encoded = 0
 
@@ -369,7 +425,8 @@ class VAEEncodeStream:
         if frames % 4 != int(starts_video) or frames < 1:
             expected = "1 + 4k" if starts_video else "4k (k >= 1)"
             raise ValueError(f"expected {expected} frames in this call, got {frames}")
-        latents = self.encoder(video, self.cache, starts_video)
+        first_chunk = 0 if starts_video else 1 + (self.frames_encoded - 1) // 4
+        latents = self.encoder(video, self.cache, starts_video, first_chunk, self.steady)
         self.frames_encoded += frames
         return latents
 
