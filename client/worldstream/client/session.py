@@ -171,6 +171,10 @@ class SessionStream:
             kind = response.WhichOneof("response")
             if kind == "end":
                 self.end = response.end
+                # Only the call's status follows: wait for it, so that closing the stream does not cancel a call
+                # that the server is still finishing (it would count it as CANCELLED).
+                self.finish()
+                next(self._call, None)
                 return
             if kind != "block":
                 raise RuntimeError(f"unexpected `{kind}` response in the middle of a session")
