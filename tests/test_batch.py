@@ -8,15 +8,16 @@ from conftest import REPO
 from worldstream.cli import main
 
 
-def test_ten_blocks_write_a_playable_mp4(tmp_path):
+def test_blocks_write_a_playable_mp4(tmp_path):
+    """Three blocks: block 0's 9 frames, then 12 per block, and block 2 is the first to roll the KV window."""
     out = tmp_path / "batch.mp4"
-    assert main(["batch", "--config", "mg2/universal_tiny", "--blocks", "10", "--out", str(out), "--overlay",
+    assert main(["batch", "--config", "mg2/universal_tiny", "--blocks", "3", "--out", str(out), "--overlay",
                  "--trajectory", str(REPO / "configs/trajectories/universal_demo.json")]) == 0
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
         assert stream.average_rate == 16
-    assert len(frames) == 9 + 9 * 12
+    assert len(frames) == 9 + 2 * 12
     assert frames[0].shape == (288, 528, 3)  # 96x176, enlarged 3x for the overlay
 
 
