@@ -1,0 +1,271 @@
+"""The play page in a real headless Chromium (Playwright, driving the Debian `chromium` binary; nothing is
+downloaded), against the gateway and both services as real processes on the tiny config. Plus the gateway's
+limits and error relay over a plain WebSocket client.
+
+WORLDSTREAM_CHROMIUM names the browser binary (default: `chromium` or `chromium-browser` on PATH);
+WORLDSTREAM_UPDATE_SCREENSHOT=1 also writes the screenshot of a playing session to docs/browser.png."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+from service_harness import REPO, free_port, metric_value, running_services, wait_for
+
+pytest.importorskip("aiohttp", reason="the gateway needs the web extra: pip install -e './client[web]'")
+
+
+def find_chromium() -> str | None:
+    for candidate in (os.environ.get("WORLDSTREAM_CHROMIUM"), "chromium", "chromium-browser"):
+        if candidate and (path := shutil.which(candidate)):
+            return path
+    return None
+
+
+CHROMIUM = find_chromium()
+
+
+def skip_loudly(reason: str):
+    line = f"\n{'!' * 100}\nBROWSER TEST SKIPPED: {reason}\n{'!' * 100}\n"
+    print(line, file=sys.stderr)
+    warnings.warn(line)
+    pytest.skip(reason)
+
+
+class GatewayProcess:
+    """`python -m worldstream.gateway` as a child process on a free loopback port."""
+
+    def __init__(self, decoder: str, log_path: Path, args: list[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worldstream.gateway", "--decoder", decoder, "--port", str(self.port), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            wait_for(self.healthy, 60, "the gateway's /health to say ok")
+        except BaseException:
+            self.stop()
+            raise
+
+    def healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=3) as response:
+                return json.load(response)["status"] == "ok"
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return metric_value(self.port, name, labels)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("browser")
+    with running_services(logs, decoder_args=["--max-sessions", "2"]) as services:
+        gateway = GatewayProcess(services.address, logs / "gateway.log", ["--max-sessions", "2"])
+        try:
+            yield services, gateway
+        finally:
+            gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        skip_loudly("no Chromium found (install the Debian package: apt-get install -y chromium, or set "
+                    "WORLDSTREAM_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        skip_loudly("Playwright for Python is not installed (pip install playwright; never `playwright install`: "
+                    "the test drives the system Chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield browser
+        browser.close()
+
+
+def decoder_sessions(services) -> float:
+    return metric_value(services.decoder_metrics_port, "worldstream_decoder_sessions_active")
+
+
+def frame_count(page) -> int:
+    return int(page.text_content("#frame-count"))
+
+
+def open_page(browser, gateway):
+    page = browser.new_page(viewport={"width": 1200, "height": 720})
+    page.goto(gateway.url)
+    page.wait_for_selector("#start:enabled")
+    return page
+
+
+def test_play_in_the_browser(stack, browser, tmp_path):
+    """The page loads, a session starts, frames arrive and the counter advances, holding W is echoed, and
+    closing the page frees the decoder's session."""
+    services, gateway = stack
+    page = open_page(browser, gateway)
+    assert page.text_content("#transport option:checked").strip() == "JPEG over WebSocket"  # the default
+    page.click("#start")
+    page.wait_for_function("Number(document.getElementById('frame-count').textContent) > 0", timeout=120_000)
+    first = frame_count(page)
+    page.wait_for_function(f"Number(document.getElementById('frame-count').textContent) > {first}", timeout=60_000)
+    assert page.evaluate("document.activeElement.id") == "game"  # Start hands the keyboard to the game view
+    assert "universal" in page.text_content("#mode")
+
+    page.keyboard.down("w")
+    page.wait_for_function("document.getElementById('echo-keys').dataset.keys.split(' ').includes('W')",
+                           timeout=120_000)
+    assert page.is_visible("#held-keys .cap.on:text('W')") and page.is_hidden("#error")
+    samples = page.evaluate("window.worldstream.stats.samples")
+    assert samples and all(s["latency"] > 0 for s in samples)
+    screenshot = tmp_path / "browser.png"
+    page.screenshot(path=str(screenshot))
+    if os.environ.get("WORLDSTREAM_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(screenshot, REPO / "docs" / "browser.png")
+    page.keyboard.up("w")
+
+    assert decoder_sessions(services) == 1
+    page.close()
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the closed tab's session")
+    wait_for(lambda: gateway.metric("worldstream_gateway_sessions_active") == 0, 10, "the gateway to drop it")
+    assert gateway.metric("worldstream_gateway_frames_sent_total", {"transport": "jpeg"}) >= first
+
+
+def test_webrtc_transport_and_recording(stack, browser):
+    """The WebRTC video track plays too; stopping ends the session and offers the recording as an mp4."""
+    services, gateway = stack
+    page = open_page(browser, gateway)
+    page.select_option("#transport", "webrtc")
+    page.click("input[value=corridor]")
+    page.click("#start")
+    page.wait_for_function("Number(document.getElementById('frame-count').textContent) >= 3", timeout=120_000)
+    assert page.is_visible("#video") and page.is_hidden("#canvas")
+    page.click("#stop")
+    page.wait_for_selector("#download:not([hidden])", timeout=60_000)
+    href = page.get_attribute("#download", "href")
+    with urllib.request.urlopen(gateway.url + href, timeout=10) as response:
+        mp4 = response.read()
+    assert mp4[4:8] == b"ftyp" and len(mp4) > 1000
+    assert "ended" in page.text_content("#status")
+    page.close()
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
+
+
+def test_upload_of_a_non_image_shows_an_error(stack, browser):
+    _, gateway = stack
+    page = open_page(browser, gateway)
+    page.set_input_files("#upload", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                            "buffer": b"not a picture\n"}])
+    page.wait_for_selector("#error:not([hidden])")
+    assert "notes.txt" in page.text_content("#error") and "PNG or JPEG" in page.text_content("#error")
+    page.set_input_files("#upload", files=[{"name": "broken.png", "mimeType": "image/png",
+                                            "buffer": b"\x89PNG\r\n\x1a\n" + b"\0" * 64}])
+    page.wait_for_function("document.getElementById('error').textContent.includes('broken.png')")
+    assert "could not be read" in page.text_content("#error")
+    page.close()
+
+
+# ---- the gateway's protocol and limits, over a plain WebSocket client --------------------------------------------
+
+def run_async(coroutine):
+    """On its own thread: Playwright's sync API holds an event loop on this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
+def exchange(url: str, messages: list, until: str) -> list:
+    """Sends `messages` on a fresh tab WebSocket; returns the JSON messages received up to one of type `until`
+    (or the close), then {"type": "closed", "code": ...}."""
+    return run_async(_exchange(url, messages, until))
+
+
+async def _exchange(url: str, messages: list, until: str) -> list:
+    import aiohttp
+
+    received = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(url.replace("http", "ws") + "/ws") as ws:
+        try:
+            for message in messages:
+                await ws.send_str(message if isinstance(message, str) else json.dumps(message))
+        except ConnectionError:  # the gateway closed the socket while the message was being sent
+            pass
+
+        async def read() -> None:
+            async for frame in ws:
+                if frame.type == aiohttp.WSMsgType.TEXT:
+                    received.append(json.loads(frame.data))
+                    if received[-1]["type"] == until:
+                        return
+
+        await asyncio.wait_for(read(), 60)
+        received.append({"type": "closed", "code": ws.close_code})
+    return received
+
+
+async def _one_tab_too_many(url: str, sessions: int) -> dict:
+    """Starts `sessions` sessions in as many tabs, then one more; returns the last tab's answer."""
+    import aiohttp
+
+    start = {"type": "start", "image": {"demo": "countryside"}}
+    async with aiohttp.ClientSession() as http:
+        tabs = [await http.ws_connect(url.replace("http", "ws") + "/ws") for _ in range(sessions + 1)]
+        try:
+            for tab in tabs[:-1]:
+                await tab.send_json(start)
+                while (await tab.receive_json(timeout=60))["type"] != "info":
+                    pass
+            await tabs[-1].send_json(start)
+            return await tabs[-1].receive_json(timeout=60)
+        finally:
+            for tab in tabs:
+                await tab.close()
+
+
+def test_gateway_relays_decoder_errors_and_enforces_limits(stack):
+    services, gateway = stack
+    garbage = base64.b64encode(b"this is no image").decode()
+    replies = exchange(gateway.url, [{"type": "start", "image": {"data": garbage, "name": "x.png"}}], "error")
+    error = replies[-2]
+    assert error["fatal"] and error["code"] == "decoder_invalid_argument" and "INVALID_ARGUMENT" in error["message"]
+
+    replies = exchange(gateway.url, [{"type": "start", "image": {"demo": "nope"}}], "error")
+    assert replies[-2]["code"] == "bad_image" and "countryside" in replies[-2]["message"]
+
+    flood = [{"type": "input", "keys": ["W"], "mouse": [0, 0]}] * 100
+    replies = exchange(gateway.url, flood, "error")
+    assert replies[-2]["code"] == "input_rate" and "per second" in replies[-2]["message"]
+
+    huge = json.dumps({"type": "start", "image": {"data": "A" * (12 << 20), "name": "big.png"}})
+    replies = exchange(gateway.url, [huge], "error")
+    assert replies[-1]["type"] == "closed"  # 1009 (message too big), or 1006 if it came mid-send
+    wait_for(lambda: gateway.metric("worldstream_gateway_errors_total", {"code": "message_too_large"}) == 1, 10,
+             "the gateway to count the oversized message")
+    assert gateway.metric("worldstream_gateway_errors_total", {"code": "input_rate"}) >= 1
+
+    answer = run_async(_one_tab_too_many(gateway.url, 2))  # the gateway runs with --max-sessions 2
+    assert answer["code"] == "gateway_full" and "2 sessions at most" in answer["message"]
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the closed tabs' sessions")
