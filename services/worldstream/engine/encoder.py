@@ -73,7 +73,8 @@ class ConditionSession:
 
     @torch.no_grad()
     def next_block(self) -> torch.Tensor:
-        return self.stream.next_block()
+        """The next block's cond_concat in the models' dtype (what the decoder computes in)."""
+        return self.stream.next_block().to(self.models.dtype)
 
     def close(self) -> None:
         self.stream = None
