@@ -9,7 +9,7 @@ CONFIG ?= mg2/universal_tiny
 BLOCKS ?= 10
 OUT ?= out/demo.mp4
 
-.PHONY: setup protos lint-protos demo test golden batch bench-wire bench-loop clean
+.PHONY: setup protos lint-protos demo test test-compose base-image golden batch bench-wire bench-loop clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The CPU deployment (deploy/docker-compose.cpu.yml) under a real Docker engine, end to end; starts dockerd if
+# none runs (and stops it after), as root installs docker.io and mmdebstrap if missing. See tests/compose/run.sh.
+test-compose: setup
+	TORCH_SPEC="$(TORCH_SPEC)" tests/compose/run.sh $(PY)
+
+# The base of the CPU image, built locally (no image registry): Debian minbase + python3 + the CPU torch wheel
+# that pip here resolves for $(TORCH_SPEC). Needs a running Docker engine and mmdebstrap.
+base-image: setup
+	TORCH_SPEC="$(TORCH_SPEC)" deploy/base-image.sh $(PY)
 
 golden: setup
 	$(VENV)/bin/worldstream golden ../shared/golden/*.safetensors
