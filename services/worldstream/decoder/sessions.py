@@ -23,7 +23,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from worldstream.api.spaces import ACTION_SPACES, BlockAction
-from ..encoder.client import ConditionFeed, EncoderClient
+from ..encoder.client import ConditionFeed, ConditionSpec, EncoderClient
 from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
 from ..media import encode_jpeg
 from ..serving.aio import WorkerLane, first_request, run_together, within, write_with_timeout
@@ -253,7 +253,7 @@ class Session:
                   frame_encoding=session_pb2.FrameEncoding.Name(options.frame_encoding), peer=self.context.peer())
         height, width = int(models.cfg.video.height), int(models.cfg.video.width)
         self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
-                                                    options.max_blocks)
+                                                    options.max_blocks, ConditionSpec.of(models))
         visual_context = await self.feed.visual_context()
         self.generation = await self.lane.run(self._open_generation, visual_context)
         await self._send(session_pb2.SessionResponse(info=session_pb2.SessionInfo(

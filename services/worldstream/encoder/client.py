@@ -3,11 +3,17 @@
 One `EncoderClient` (one gRPC channel) per decoder process; one `ConditionFeed` (one Encode stream) per session.
 The channel reconnects by itself with a short backoff, so sessions opened after an encoder restart succeed
 again; a session whose encoder is unreachable fails with UNAVAILABLE after `connect_timeout` seconds.
+
+The decoder trusts nothing the encoder sends: every tensor's name, dtype and shape are checked against what the
+session expects from its header, before anything is allocated; a block arrives only within the credit granted
+for it; the tensors must be finite. A stream that breaks these rules fails the session with INTERNAL (the
+deployment is broken); one that fails or ends early fails it with UNAVAILABLE at once (retry later).
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -17,7 +23,7 @@ from ..serving.aio import within
 from ..serving.errors import ServiceError, status_from_rpc_error
 from ..serving.metrics import ServiceMetrics
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
-from ..wire import DEFAULT_MAX_CHUNK_BYTES, TensorAssembler, WireFormatError
+from ..wire import MAX_MESSAGE_BYTES, TensorAssembler, WireFormatError
 
 ENCODER_SERVICE = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoderService"].full_name
 
@@ -29,10 +35,35 @@ _CHANNEL_OPTIONS = [
     # Spread Encode streams over every address the target resolves to (e.g. `dns:///encoder:50052`, a headless
     # Service listing each encoder pod); the default pick_first would pin every session to one encoder.
     ("grpc.lb_policy_name", "round_robin"),
-    ("grpc.max_receive_message_length", 4 * DEFAULT_MAX_CHUNK_BYTES),
+    # The encoder sends every tensor in chunks; a larger message breaks the wire format (see `_stream_failure`).
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
+
+
+_VISUAL_CONTEXT, _COND_CONCAT = "visual_context", "cond_concat"
+_TENSOR_NAMES = {encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT: _VISUAL_CONTEXT,
+                 encoder_pb2.CONDITION_KIND_COND_CONCAT: _COND_CONCAT}
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """The condition tensors a session consumes: their dtype and shapes (`DecoderModels.condition_shapes`)."""
+    dtype: torch.dtype
+    visual_context: tuple[int, ...]
+    cond_concat: tuple[int, ...]
+
+    @classmethod
+    def of(cls, models) -> ConditionSpec:
+        """The spec of a DecoderModels: its config's dtype, which the encoder (same config) computes in."""
+        from ..engine.builders import resolve_dtype
+
+        shapes = models.condition_shapes()
+        return cls(resolve_dtype(models.cfg.dtype), shapes[_VISUAL_CONTEXT], shapes[_COND_CONCAT])
+
+    def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {_VISUAL_CONTEXT: (self.dtype, self.visual_context), _COND_CONCAT: (self.dtype, self.cond_concat)}
 
 
 class EncoderClient:
@@ -59,9 +90,10 @@ class EncoderClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    async def open(self, session_id: str, mode: str, image: bytes, height: int, width: int, max_blocks: int
-                   ) -> ConditionFeed:
-        """Open the Encode stream of a session and wait for the encoder to accept the image."""
+    async def open(self, session_id: str, mode: str, image: bytes, height: int, width: int, max_blocks: int,
+                   spec: ConditionSpec) -> ConditionFeed:
+        """Open the Encode stream of a session and wait for the encoder to accept the image; the stream must
+        deliver the tensors of `spec`."""
         try:
             await within(self._channel.channel_ready(), self.connect_timeout)
         except asyncio.TimeoutError:
@@ -71,7 +103,8 @@ class EncoderClient:
         request = encoder_pb2.ImageConditionRequest(
             session_id=session_id, mode=mode, image=image, height=height, width=width, max_blocks=max_blocks,
             initial_credits=min(self.window, max_blocks), accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
-        feed = ConditionFeed(self, self._stub.Encode(), max_blocks)
+        feed = ConditionFeed(self, self._stub.Encode(), max_blocks, request.initial_credits,
+                             spec)
         try:
             await feed.start(request)
         except BaseException:
@@ -87,10 +120,14 @@ class ConditionFeed:
     """The condition tensors of one session as they arrive: `visual_context()` once, then `block(b)` in order.
     Taking block b grants the encoder one more credit, so it stays `window` blocks ahead of the session."""
 
-    def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, max_blocks: int):
+    def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, max_blocks: int, credits: int,
+                 spec: ConditionSpec):
         self.client = client
         self.call = call
         self.max_blocks = max_blocks
+        self.spec = spec
+        self._granted = credits  # blocks the encoder may have sent so far
+        self._received = 0  # cond_concat blocks received: the next one must have this index
         self._visual_context: torch.Tensor | None = None
         self._blocks: dict[int, torch.Tensor] = {}
         self._failure: ServiceError | None = None
@@ -103,40 +140,107 @@ class ConditionFeed:
         try:
             await self.call.write(encoder_pb2.EncodeRequest(image=request))
             first = await within(self.call.read(), self.client.request_timeout)
-        except grpc.RpcError as e:
-            raise status_from_rpc_error(e, f"encoder service at {self.client.address}") from None
         except asyncio.TimeoutError:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder at {self.client.address} did not answer "
                                                             f"within {self.client.request_timeout:g} s") from None
+        except Exception as e:
+            raise await self._opening_failure(e) from None
         if first is grpc.aio.EOF or first.WhichOneof("response") != "ready":
             raise ServiceError(grpc.StatusCode.INTERNAL, "the encoder did not start its stream with `ready`")
         self._reader = asyncio.create_task(self._read())
 
+    async def _opening_failure(self, error: Exception) -> ServiceError:
+        """The status of a failure while the encoder considers the image: its own (the image is invalid, it is
+        full, ...) as `status_from_rpc_error` maps it. A write to a call that has ended raises
+        asyncio.InvalidStateError, not the status: then the status is the call's."""
+        what = f"encoder service at {self.client.address}"
+        if not isinstance(error, grpc.RpcError) and self.call.done():
+            code, details = await self.call.code(), await self.call.details()
+            if code != grpc.StatusCode.OK:
+                error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+        if isinstance(error, grpc.RpcError):
+            return status_from_rpc_error(error, what)
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the {what} failed ({type(error).__name__}: {error}); "
+                                                         "retry later")
+
+    def _stream_failure(self, error: Exception) -> ServiceError:
+        """The status of any failure of a running stream: UNAVAILABLE (the encoder crashed, restarted, shut down
+        or timed out: a new session may succeed). Except a message over the wire format's limit, which only an
+        encoder that breaks the format sends (RESOURCE_EXHAUSTED would tell the client the server is full)."""
+        if isinstance(error, grpc.RpcError):
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} sent a message "
+                                                              f"over the wire format's {MAX_MESSAGE_BYTES} bytes "
+                                                              f"({error.details()}); are both services one version?")
+            cause = f"{error.code().name}: {error.details()}"
+        else:
+            cause = f"{type(error).__name__}: {error}"
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder stream failed ({cause}); retry later")
+
     async def _read(self) -> None:
-        assembler = TensorAssembler()
+        assembler = TensorAssembler(expected=self.spec.expected())
+        current: tuple[int, int] | None = None  # (kind, block_index) of the tensor being assembled
         try:
             while True:
                 message = await self.call.read()
                 if message is grpc.aio.EOF:
-                    return
+                    failure = None if self._received == self.max_blocks else ServiceError(
+                        grpc.StatusCode.UNAVAILABLE, f"the encoder ended the stream after {self._received} of "
+                                                     f"{self.max_blocks} blocks; retry later")
+                    break
+                if message.WhichOneof("response") != "tensor":
+                    raise WireFormatError(f"`{message.WhichOneof('response') or 'an empty response'}` after "
+                                          "`ready`; only tensors may follow")
                 part = message.tensor
+                if part.chunk.offset == 0:
+                    self._check_due(part)  # before the assembler allocates the tensor
+                    current = (part.kind, part.block_index)
+                elif (part.kind, part.block_index) != current:
+                    raise WireFormatError(f"a chunk of kind {part.kind}, block {part.block_index} inside the tensor "
+                                          f"of kind {current[0] if current else None}, block "
+                                          f"{current[1] if current else None}")
                 done = assembler.add(part.chunk)
-                if done is None:
-                    continue
-                async with self._changed:
-                    if part.kind == encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT:
-                        self._visual_context = done[1]
-                    elif part.kind == encoder_pb2.CONDITION_KIND_COND_CONCAT:
-                        self._blocks[part.block_index] = done[1]
-                    else:
-                        raise WireFormatError(f"unknown condition kind {part.kind}")
-                    self._changed.notify_all()
-        except grpc.RpcError as e:
-            failure = status_from_rpc_error(e, "the encoder stream")
+                if done is not None:
+                    await self._keep(part, done[1])
         except WireFormatError as e:
-            failure = ServiceError(grpc.StatusCode.INTERNAL, f"the encoder sent a malformed tensor: {e}")
+            failure = ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} broke the "
+                                                             f"stream's rules: {e}")
+        except Exception as e:
+            failure = self._stream_failure(e)
+        if failure is not None:
+            async with self._changed:
+                self._failure = failure
+                self._changed.notify_all()
+
+    def _check_due(self, part: encoder_pb2.ConditionTensor) -> None:
+        """A new tensor starts: it must be the one due, and a block only within the credit granted for it."""
+        name = _TENSOR_NAMES.get(part.kind)
+        if name is None:
+            raise WireFormatError(f"unknown condition kind {part.kind}")
+        if part.chunk.name != name:
+            raise WireFormatError(f"a tensor of kind {name} named {part.chunk.name[:64]!r}")
+        if name == _VISUAL_CONTEXT:
+            if self._visual_context is not None:
+                raise WireFormatError("a second visual_context")
+            return
+        if self._visual_context is None:
+            raise WireFormatError("cond_concat before visual_context")
+        if part.block_index != self._received:
+            raise WireFormatError(f"cond_concat of block {part.block_index} while block {self._received} is due")
+        if part.block_index >= self._granted:
+            raise WireFormatError(f"cond_concat of block {part.block_index} without credit (granted: "
+                                  f"{self._granted} blocks)")
+
+    async def _keep(self, part: encoder_pb2.ConditionTensor, tensor: torch.Tensor) -> None:
+        if not torch.isfinite(tensor).all():
+            raise WireFormatError(f"{_TENSOR_NAMES[part.kind]} of block {part.block_index} holds NaN or infinite "
+                                  "values")
         async with self._changed:
-            self._failure = failure
+            if part.kind == encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT:
+                self._visual_context = tensor
+            else:
+                self._blocks[part.block_index] = tensor
+                self._received += 1
             self._changed.notify_all()
 
     async def _wait(self, ready, what: str) -> None:
@@ -164,12 +268,20 @@ class ConditionFeed:
         started = time.perf_counter()
         await self._wait(lambda: b in self._blocks, f"the condition of block {b}")
         self.client.metrics.encoder_request_seconds.labels(request="block").observe(time.perf_counter() - started)
-        if b + self.client.window < self.max_blocks:
-            try:
-                await self.call.write(encoder_pb2.EncodeRequest(credit=encoder_pb2.CreditGrant(blocks=1)))
-            except grpc.RpcError as e:
-                raise status_from_rpc_error(e, "the encoder stream") from None
+        if self._granted < self.max_blocks:
+            await self._grant()
         return self._blocks.pop(b)
+
+    async def _grant(self) -> None:
+        """One more block of credit. A stream that has failed takes none: the blocks already here stay usable,
+        and the next one missing fails with the stream's status."""
+        self._granted += 1  # first: the block may arrive before the write returns
+        try:
+            await self.call.write(encoder_pb2.EncodeRequest(credit=encoder_pb2.CreditGrant(blocks=1)))
+        except Exception as e:
+            async with self._changed:
+                self._failure = self._failure or self._stream_failure(e)
+                self._changed.notify_all()
 
     def close(self) -> None:
         """End the stream (the encoder frees the session's state)."""

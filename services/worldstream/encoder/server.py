@@ -99,8 +99,13 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
             raise ServiceError(mismatch, f"this encoder makes {models.height}x{models.width} conditions, the "
                                          f"request asks for {request.height}x{request.width}: run encoder and "
                                          "decoder with the same config")
-        if request.max_blocks < 1:
-            raise ServiceError(_INVALID, "max_blocks must be at least 1")
+        limit = int(self.cfg.limits.max_blocks)
+        if not 1 <= request.max_blocks <= limit:
+            raise ServiceError(_INVALID, f"max_blocks must be in [1, {limit}] (this config's limit), got "
+                                         f"{request.max_blocks}")
+        if request.initial_credits > request.max_blocks:
+            raise ServiceError(_INVALID, f"initial_credits {request.initial_credits} exceeds max_blocks "
+                                         f"{request.max_blocks}")
         transports = set(request.accepted_transports)
         if transports and not transports & {encoder_pb2.TENSOR_TRANSPORT_GRPC,
                                             encoder_pb2.TENSOR_TRANSPORT_UNSPECIFIED}:
@@ -208,8 +213,13 @@ class _EncodeStream:
             kind = message.WhichOneof("request")
             if kind != "credit":
                 raise ServiceError(_INVALID, f"after `image` only `credit` requests are allowed, got `{kind}`")
+            blocks = message.credit.blocks
+            if blocks < 1 or self.credits + blocks > self.request.max_blocks:
+                raise ServiceError(_INVALID, f"credit of {blocks} blocks: grants must be at least 1 and add up to "
+                                             f"at most max_blocks {self.request.max_blocks} (granted so far: "
+                                             f"{self.credits})")
             async with self.changed:
-                self.credits += message.credit.blocks
+                self.credits += blocks
                 self.changed.notify_all()
         async with self.changed:
             self.decoder_done = True

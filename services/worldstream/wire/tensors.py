@@ -13,8 +13,10 @@ import torch
 
 from worldstream.v1 import tensor_pb2
 
-# gRPC's usual message cap is 4 MiB; 1 MiB chunks minus room for the header keep each message far below it.
-DEFAULT_MAX_CHUNK_BYTES = (1 << 20) - (4 << 10)
+# Largest message of a chunked tensor stream: a sender's limit and a receiver's. Chunks of DEFAULT_MAX_CHUNK_BYTES
+# data leave 4 KiB for the header (a name of at most MAX_NAME_BYTES, MAX_NDIM sizes) and an enclosing message.
+MAX_MESSAGE_BYTES = 1 << 20
+DEFAULT_MAX_CHUNK_BYTES = MAX_MESSAGE_BYTES - (4 << 10)
 # Largest tensor a receiver accepts unless told otherwise (a 12-frame 352x640 RGB block is 8.1 MB).
 DEFAULT_MAX_TENSOR_BYTES = 256 << 20
 MAX_NAME_BYTES = 1024
@@ -119,11 +121,15 @@ class TensorAssembler:
     """Rebuilds (name, tensor) pairs from TensorChunk messages sent by `pack_tensor` / `pack_tensors`.
 
     Chunks of one tensor must arrive in order and tensors one after another. Decoded tensors live on the CPU
-    and own their (writable) memory.
+    and own their (writable) memory. A receiver that knows what it expects passes `expected` (name -> (dtype,
+    shape)): any other name, dtype or shape is refused from the header, before its bytes are allocated.
     """
 
-    def __init__(self, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES):
+    def __init__(self, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+                 expected: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None):
         self.max_tensor_bytes = max_tensor_bytes
+        self.expected = None if expected is None else {name: (dtype, tuple(shape))
+                                                       for name, (dtype, shape) in expected.items()}
         self._pending: _Pending | None = None
 
     @property
@@ -166,12 +172,21 @@ class TensorAssembler:
         name = chunk.name
         if not name:
             raise WireFormatError("first chunk of a tensor has no name")
+        if len(name.encode()) > MAX_NAME_BYTES:  # also keeps the messages below short
+            raise WireFormatError(f"tensor name of {len(name.encode())} bytes; at most {MAX_NAME_BYTES}")
         dtype = _FROM_WIRE.get(chunk.dtype)
         if dtype is None:
             raise WireFormatError(f"tensor {name!r}: unknown or unset dtype {chunk.dtype}")
         shape = tuple(chunk.shape)
         if len(shape) > MAX_NDIM or any(size < 0 for size in shape):
             raise WireFormatError(f"tensor {name!r}: invalid shape {list(shape)}")
+        if self.expected is not None:
+            if name not in self.expected:
+                raise WireFormatError(f"unexpected tensor {name[:64]!r}; expected one of {sorted(self.expected)}")
+            if (dtype, shape) != self.expected[name]:
+                want_dtype, want_shape = self.expected[name]
+                raise WireFormatError(f"tensor {name!r}: {dtype} of shape {list(shape)[:MAX_NDIM]}, expected "
+                                      f"{want_dtype} of shape {list(want_shape)}")
         if chunk.total_bytes > self.max_tensor_bytes:
             raise WireFormatError(f"tensor {name!r}: total_bytes {chunk.total_bytes} exceeds the limit of "
                                   f"{self.max_tensor_bytes}")
