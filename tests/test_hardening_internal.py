@@ -1,25 +1,31 @@
 """The internal side of the services under faults and hostile peers (issue 7, part B): the decoder against an
 encoder that crashes, restarts or breaks the stream's rules (a real decoder process against a hostile encoder
-served by this test process), and the encoder's bounds on what its caller asks."""
+served by this test process), the encoder's bounds on what its caller asks, the metrics server's threads, what
+each server reflects, its connection and call limits, and the loopback defaults."""
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import math
 import signal
+import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from service_harness import (CONFIG, SMALL_FRAMES, free_port, metric_value, png_bytes, running_services,
                              start_decoder, wait_for)
 from worldstream.encoder.client import ConditionSpec
 from worldstream.engine.config import load_config
 from worldstream.engine.generator import DecoderModels
+from worldstream.serving.metrics import METRICS_QUEUED_CONNECTIONS, METRICS_WORKERS
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc, session_pb2, session_pb2_grpc, tensor_pb2
 from worldstream.wire import MAX_MESSAGE_BYTES, pack_tensor
 
@@ -52,11 +58,31 @@ def process_rss(pid: int) -> int:
     return _status_field(pid, "VmRSS") * 1024
 
 
+def process_threads(pid: int) -> int:
+    return _status_field(pid, "Threads")
+
+
 def _status_field(pid: int, name: str) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith(name + ":"):
             return int(line.split()[1])
     raise KeyError(name)
+
+
+def listening_hosts(port: int) -> set[str]:
+    """The addresses a TCP port of this machine listens on (from /proc/net/tcp and tcp6)."""
+    hosts = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in open(table).readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(host)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                address = ipaddress.ip_address(words)
+                hosts.add(str(getattr(address, "ipv4_mapped", None) or address))  # gRPC listens on ::ffff:a.b.c.d
+    return hosts
 
 
 # ---- the real services --------------------------------------------------------------------------------------------
@@ -66,6 +92,49 @@ def services(tmp_path_factory):
     with running_services(tmp_path_factory.mktemp("internal"), decoder_args=SMALL_FRAMES,
                           encoder_args=SMALL_FRAMES) as running:
         yield running
+
+
+def test_services_listen_on_loopback_by_default(services):
+    """No --host or --metrics-host: gRPC and /metrics of both services listen on 127.0.0.1 only."""
+    for port in (services.encoder_port, services.encoder_metrics_port, services.decoder_port,
+                 services.decoder_metrics_port):
+        assert listening_hosts(port) == {"127.0.0.1"}, port
+
+
+def test_metrics_server_threads_are_bounded(services):
+    """300 open, unfinished /metrics requests add a few threads (a fixed pool), not one each; the endpoint
+    answers again once they are gone."""
+    pid, port = services.decoder.process.pid, services.decoder_metrics_port
+    before = process_threads(pid)
+    connections = []
+    try:
+        for _ in range(300):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+            connection.sendall(b"GET /metrics HTTP/1.1\r\n")  # never finished
+            connections.append(connection)
+        time.sleep(1.0)
+        assert process_threads(pid) <= before + METRICS_WORKERS
+    finally:
+        for connection in connections:
+            connection.close()
+    assert METRICS_QUEUED_CONNECTIONS < 300
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as response:
+        assert b"worldstream_decoder_sessions_active" in response.read()
+
+
+def test_reflection_describes_only_the_services_own_api(services):
+    """The decoder imports the internal encoder API to call it, yet its reflection knows only the public one."""
+    with grpc.insecure_channel(services.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert ENCODER_SERVICE not in database.get_services()
+        with pytest.raises(KeyError):
+            database.FindFileContainingSymbol(ENCODER_SERVICE)
+        with pytest.raises(KeyError):
+            database.FindFileContainingSymbol("worldstream.v1.TensorChunk")
+        assert database.FindFileContainingSymbol("worldstream.v1.WorldSessionService").name.endswith("session.proto")
+    with grpc.insecure_channel(services.encoder_address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert database.FindFileContainingSymbol(ENCODER_SERVICE).name.endswith("encoder.proto")
 
 
 def encode_call(address: str, requests: list[encoder_pb2.EncodeRequest], read: int = 10
@@ -113,6 +182,57 @@ def test_encoder_bounds_blocks_and_credit(services, requests, message):
     responses, error = encode_call(services.encoder_address, requests)
     assert error is not None and error.code() == Code.INVALID_ARGUMENT, (responses, error)
     assert message in error.details()
+
+
+def test_server_connection_and_call_limits(services, tmp_path):
+    """--max-connections: a connection beyond it is closed; --max-streams-per-connection: a call beyond it waits
+    on its connection; --max-calls: a call beyond it, on any connection, fails with RESOURCE_EXHAUSTED."""
+    port = free_port()
+    decoder = start_decoder(tmp_path / "decoder.log", port, free_port(), services.encoder_address,
+                            ["--warmup-blocks", "0", *SMALL_FRAMES, "--max-connections", "3",
+                             "--max-streams-per-connection", "2", "--max-calls", "4"])
+    address = f"127.0.0.1:{port}"
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # no connection shared between channels
+    channels = [grpc.insecure_channel(address, options=own_connection) for _ in range(4)]
+    held: list[grpc.Future] = []
+    release = threading.Event()
+
+    def nothing_until_released() -> Iterator[session_pb2.SessionRequest]:
+        release.wait(60)
+        yield from ()
+
+    def idle_session(channel) -> None:
+        held.append(session_pb2_grpc.WorldSessionServiceStub(channel).Session(nothing_until_released()))
+
+    def health_check(channel, timeout: float = 2.0) -> Code:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return Code.OK
+        except grpc.RpcError as e:
+            return e.code()
+
+    try:
+        # The start-up checks' connections may take a moment to be closed on the server's side.
+        wait_for(lambda: [health_check(channel) for channel in channels[:3]] == [Code.OK] * 3, 10,
+                 "three connections to be served")
+        assert health_check(channels[3]) == Code.UNAVAILABLE  # a fourth connection
+        channels[3].close()
+
+        idle_session(channels[0])
+        idle_session(channels[0])
+        assert health_check(channels[0], 1.0) == Code.DEADLINE_EXCEEDED  # the third call on that connection waits
+        assert health_check(channels[1]) == Code.OK
+        idle_session(channels[1])
+        idle_session(channels[1])
+        time.sleep(0.5)  # the server has the four calls
+        assert health_check(channels[2]) == Code.RESOURCE_EXHAUSTED  # a fifth call
+    finally:
+        release.set()
+        for call in held:
+            call.cancel()
+        for channel in channels:
+            channel.close()
+        decoder.stop()
 
 
 # ---- encoder crash and restart ------------------------------------------------------------------------------------

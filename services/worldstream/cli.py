@@ -20,6 +20,7 @@ from .decoder.__main__ import add_arguments as add_decoder_arguments, build as b
 from .encoder.__main__ import add_arguments as add_encoder_arguments, build as build_encoder
 from .engine.config import CONFIG_ROOT, ConfigError, add_config_arguments, config_from_args, overrides_from_args
 from .serving.bootstrap import add_server_arguments, serve
+from .serving.security import SecurityConfigError, add_tls_channel_arguments, channel_tls_from_args
 
 DEMO_IMAGE = Path(__file__).resolve().parent / "assets" / "demo.png"
 
@@ -63,7 +64,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_health(args: argparse.Namespace) -> int:
     from .serving.health import serving_status
 
-    status = serving_status(args.address, args.timeout)
+    status = serving_status(args.address, args.timeout, channel_tls_from_args(args))
     print(f"{args.address}: {status}")
     return 0 if status == "SERVING" else 1
 
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 iff the server's grpc.health.v1 check says SERVING")
     health.add_argument("address", metavar="HOST:PORT")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    add_tls_channel_arguments(health)
     health.set_defaults(run=run_health)
 
     commands.add_parser("client", add_help=False, help="the streaming client (`worldstream client --help`)")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as err:
+    except (ConfigError, SecurityConfigError) as err:
         parser.exit(2, f"worldstream {args.command}: error: {err}\n")
 
 

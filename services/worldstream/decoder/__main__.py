@@ -15,6 +15,7 @@ import sys
 
 from ..serving.bootstrap import Service
 from ..serving.metrics import ServiceMetrics
+from ..serving.security import add_client_security_arguments, client_security_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-check-interval", type=float, default=2.0,
                         help="seconds between health checks of the encoder; this service reports SERVING only "
                              "while the encoder does")
+    add_client_security_arguments(parser, "encoder-", "the encoder")
 
 
 def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
@@ -49,7 +51,8 @@ def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
     from .sessions import SessionManager
 
     encoder = EncoderClient(args.encoder_address, metrics, connect_timeout=args.encoder_connect_timeout,
-                            request_timeout=args.encoder_timeout, window=args.encoder_window)
+                            request_timeout=args.encoder_timeout, window=args.encoder_window,
+                            **client_security_from_args(args, "encoder-"))
     manager = SessionManager(encoder, metrics, max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                              frame_workers=args.frame_workers, profile_dir=args.profile_dir)
     service = WorldSessionService(cfg, manager, metrics, args.warmup_blocks)

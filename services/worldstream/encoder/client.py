@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ..serving.aio import within
 from ..serving.errors import ServiceError, status_from_rpc_error
 from ..serving.metrics import ServiceMetrics
+from ..serving.security import ChannelTLS, bearer_metadata, open_channel
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import MAX_MESSAGE_BYTES, TensorAssembler, WireFormatError
 
@@ -68,7 +69,8 @@ class ConditionSpec:
 
 class EncoderClient:
     def __init__(self, address: str, metrics: ServiceMetrics, *, connect_timeout: float = 5.0,
-                 request_timeout: float = 60.0, window: int = 2):
+                 request_timeout: float = 60.0, window: int = 2, tls: ChannelTLS | None = None,
+                 token: str | None = None):
         if window < 1:
             raise ValueError(f"the credit window must be at least 1 block, got {window}")
         self.address = address
@@ -76,7 +78,8 @@ class EncoderClient:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.window = window
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._metadata = bearer_metadata(token)
+        self._channel = open_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = encoder_pb2_grpc.ConditionEncoderServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -103,7 +106,7 @@ class EncoderClient:
         request = encoder_pb2.ImageConditionRequest(
             session_id=session_id, mode=mode, image=image, height=height, width=width, max_blocks=max_blocks,
             initial_credits=min(self.window, max_blocks), accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
-        feed = ConditionFeed(self, self._stub.Encode(), max_blocks, request.initial_credits,
+        feed = ConditionFeed(self, self._stub.Encode(metadata=self._metadata), max_blocks, request.initial_credits,
                              spec)
         try:
             await feed.start(request)

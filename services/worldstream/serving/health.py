@@ -7,11 +7,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from .logs import log_event
+from .security import ChannelTLS, open_channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -19,14 +21,35 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 async def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]
                                     ) -> health_aio.HealthServicer:
-    """Register grpc.health.v1 (NOT_SERVING until `set_serving`) and server reflection."""
+    """Register grpc.health.v1 (NOT_SERVING until `set_serving`) and server reflection of exactly these
+    services."""
     health = health_aio.HealthServicer()
     await set_serving(health, service_names, False)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+    reflected = (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(reflected, server, pool=descriptor_pool_of(reflected))
     return health
+
+
+def descriptor_pool_of(service_names: Sequence[str]) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool holding the files of `service_names` and their imports, and nothing else. Reflection
+    over the process's default pool would describe every API the process has imported: the decoder's would
+    expose the internal encoder API, which the decoder imports to call it."""
+    default, pool, added = descriptor_pool.Default(), descriptor_pool.DescriptorPool(), set()
+
+    def add(file) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for name in service_names:
+        add(default.FindServiceByName(name).file)
+    return pool
 
 
 async def set_serving(health: health_aio.HealthServicer, service_names: Sequence[str], serving: bool) -> None:
@@ -55,10 +78,10 @@ async def follow_dependency(health: health_aio.HealthServicer, service_names: Se
         await asyncio.sleep(interval)
 
 
-def serving_status(address: str, timeout: float = 3.0) -> str:
+def serving_status(address: str, timeout: float = 3.0, tls: ChannelTLS | None = None) -> str:
     """The overall health status name of the server at `address` (SERVING, NOT_SERVING, ...) or the gRPC error
-    code name when it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+    code name when it does not answer. `tls`: how to reach a TLS server."""
+    with open_channel(address, tls, aio=False) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError as err:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .bootstrap import LOOPBACK
 from .health import serving_status
+from .security import ChannelTLS
 
 
 def free_port() -> int:
@@ -21,10 +22,11 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """One service (`worldstream serve <name> ARGS`) as a child process logging to a file."""
+    """One service (`worldstream serve <name> ARGS`) as a child process logging to a file; `tls` says how to
+    reach it when it serves TLS."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path):
-        self.name, self.args, self.log_path = name, args, log_path
+    def __init__(self, name: str, args: list[str], log_path: Path, tls: ChannelTLS | None = None):
+        self.name, self.args, self.log_path, self.tls = name, args, log_path, tls
         self.process: subprocess.Popen | None = None
 
     def start(self, port: int, startup_timeout: float) -> "ServiceProcess":
@@ -43,7 +45,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with status {self.process.returncode} while starting; "
                                    f"log:\n{self.log()}")
-            if serving_status(address, timeout=1.0) == "SERVING":
+            if serving_status(address, timeout=1.0, tls=self.tls) == "SERVING":
                 return
             time.sleep(0.1)
         raise TimeoutError(f"{self.name} at {address} did not report SERVING within {timeout:.0f} s")
