@@ -269,3 +269,50 @@ def test_gateway_relays_decoder_errors_and_enforces_limits(stack):
     answer = run_async(_one_tab_too_many(gateway.url, 2))  # the gateway runs with --max-sessions 2
     assert answer["code"] == "gateway_full" and "2 sessions at most" in answer["message"]
     wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the closed tabs' sessions")
+
+
+# ---- the gateway's pieces, in-process ----------------------------------------------------------------------------
+
+def test_input_mapping_keys_mouse_and_echo():
+    from worldstream.api.spaces import get_action_space
+    from worldstream.gateway.input import InputError, InputMapper
+
+    universal = InputMapper(get_action_space("universal"), pixels_per_step=10.0)
+    action = universal.action({"keys": ["W", "J"], "mouse": [20, -10]})  # J looks left; the pointer went right, up
+    assert action.keyboard.tolist() == [[1, 0, 0, 0]]
+    assert action.mouse[0].tolist() == pytest.approx([0.1, -0.1 + 0.2])  # pitch up 1 step, yaw left 1 + right 2
+    assert universal.action({"keys": [], "mouse": [1e4, 0]}).mouse.tolist() == [[0.0, 1.0]]  # clipped to the limit
+    assert universal.echo(action) == {"names": ["forward"], "keys": ["W"], "mouse": pytest.approx([0.1, 0.1])}
+    templerun = InputMapper(get_action_space("templerun"))
+    jump_then_slide = templerun.action({"keys": ["W", "S"], "mouse": [0, 0]})  # one-hot: the newest key wins
+    assert templerun.echo(jump_then_slide)["names"] == ["slide"]
+    assert templerun.echo(templerun.action({"keys": [], "mouse": [0, 0]}))["names"] == []  # idle shows no key
+    for bad in ({"keys": "W"}, {"keys": ["WW"]}, {"keys": ["X"]}, {"mouse": [float("nan"), 0]}, {"mouse": [1]}):
+        with pytest.raises(InputError):
+            universal.action(bad)
+
+
+def test_playout_spaces_frames_at_the_fps_and_restarts_after_a_gap():
+    from worldstream.gateway.playout import Frame, Playout
+
+    async def play() -> list[float]:
+        playout, loop = Playout(fps=50, capacity=4), asyncio.get_running_loop()
+
+        async def produce() -> None:
+            for seq in range(8):
+                if seq == 4:
+                    await asyncio.sleep(0.2)  # the decoder is late: the buffer runs dry
+                await playout.put(Frame(seq, seq // 4, b""))
+            await playout.close()
+
+        producer = asyncio.create_task(produce())
+        times = [loop.time() async for _ in playout.frames()]
+        await producer
+        return times
+
+    times = run_async(play())
+    period = 1 / 50
+    for first, burst in ((0, range(1, 4)), (4, range(5, 8))):
+        for k in burst:  # on the clock (never early; late only by the machine's load), not back to back
+            assert (k - first) * period - 0.002 <= times[k] - times[first] < (k - first) * period + 0.1, times
+    assert times[4] - times[3] > 0.1  # the gap: the clock restarts at frame 4 instead of rushing 4-7 out
