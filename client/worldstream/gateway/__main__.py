@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for chatty in ("aiohttp.access", "aioice", "aiortc"):  # a line per request, per ICE check
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         limits = Limits(max_sessions=args.max_sessions, max_image_bytes=args.max_image_bytes,
                         input_rate=args.input_rate, input_burst=max(1, round(args.input_rate / 2)))
