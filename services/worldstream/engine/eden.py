@@ -56,6 +56,17 @@ def build_eden_patchify(cfg: DictConfig) -> EdenPatchify:
     return _build(EdenPatchify, cfg)
 
 
+def check_frame_size(height: int, width: int, cfg: EdenConfig, max_pixels: int) -> None:
+    """Both sides at least 2 x patch, at most `max_pixels` once padded; ValueError with what to fix."""
+    multiple = 2 * cfg.patch_size
+    if min(height, width) < multiple:
+        raise ValueError(f"frames of {height}x{width} are too small: both sides must be at least {multiple}")
+    padded = -(-height // multiple) * multiple * (-(-width // multiple) * multiple)
+    if padded > max_pixels:
+        raise ValueError(f"frames of {height}x{width} ({padded} pixels once padded to a multiple of {multiple}) "
+                         f"exceed this server's limit of {max_pixels} pixels per frame; send smaller frames")
+
+
 def pair_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     """[K, *shape[1:]] standard normal, pair i drawn from its own seed on the CPU (so a pair's result depends
     neither on the batch it is in nor on the device)."""
@@ -85,13 +96,7 @@ class EdenInterpolator:
             raise ValueError(f"{k} frame pairs in one forward; send 1 to {self.max_pairs}")
         if channels != self.cfg.in_dim:
             raise ValueError(f"frames have {channels} channels, the model takes {self.cfg.in_dim} (RGB)")
-        multiple = 2 * self.cfg.patch_size
-        if min(height, width) < multiple:
-            raise ValueError(f"frames of {height}x{width} are too small: both sides must be at least {multiple}")
-        padded = -(-height // multiple) * multiple * (-(-width // multiple) * multiple)
-        if padded > self.max_pixels:
-            raise ValueError(f"frames of {height}x{width} ({padded} pixels once padded to a multiple of {multiple}) "
-                             f"exceed this server's limit of {self.max_pixels} pixels per frame; send smaller frames")
+        check_frame_size(height, width, self.cfg, self.max_pixels)
 
     @torch.inference_mode()
     def interpolate(self, frame0: torch.Tensor, frame1: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
