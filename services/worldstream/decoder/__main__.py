@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
+    if cfg.family == "eden":  # one model family per deployment: frame interpolation instead of world sessions
+        from .interpolation import build_service
+
+        return build_service(args, cfg, metrics)
     # Imported here, not above: building the command line must not load torch (`worldstream health` is quick).
     from worldstream.v1 import session_pb2_grpc
     from ..encoder.client import EncoderClient

@@ -44,9 +44,15 @@ def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
     def refused() -> None:
         metrics.errors.labels(code="UNAUTHENTICATED").inc()
 
-    service = ConditionEncoderService(cfg, metrics, max_streams=args.max_streams, prefetch=args.prefetch,
-                                      idle_timeout=args.idle_timeout, warmup_blocks=args.warmup_blocks,
-                                      profile_dir=args.profile_dir)
+    if cfg.family == "eden":  # one model family per deployment: frame pairs instead of image conditioning
+        from .pairs import PairEncoderService
+
+        service = PairEncoderService(cfg, metrics, max_streams=args.max_streams, idle_timeout=args.idle_timeout,
+                                     warm_up=args.warmup_blocks > 0)
+    else:
+        service = ConditionEncoderService(cfg, metrics, max_streams=args.max_streams, prefetch=args.prefetch,
+                                          idle_timeout=args.idle_timeout, warmup_blocks=args.warmup_blocks,
+                                          profile_dir=args.profile_dir)
     return Service(name=SERVICE_NAME,
                    register=lambda server: encoder_pb2_grpc.add_ConditionEncoderServiceServicer_to_server(service,
                                                                                                          server),

@@ -1,0 +1,278 @@
+"""Decoder-side client of `ConditionEncoderService.EncodePairs`: one `PairFeed` (one stream) per client clip.
+
+The channel, its health check and its security are the `EncoderClient`'s (one per decoder process). As in the
+image path, the decoder trusts nothing the encoder sends: each batch must be the one due, hold the tensors of
+its payload in order with the names, dtypes and shapes the stream expects (checked from each tensor's header,
+before anything is allocated) and finite values; a stream that breaks these rules fails the clip with
+INTERNAL, one that fails or ends early with UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from ..engine.interpolation import TensorSpec, payload_spec
+from ..models.eden import EdenConfig, PairGeometry
+from ..serving.aio import within
+from ..serving.errors import ServiceError, status_from_rpc_error
+from ..wire import TensorAssembler, WireFormatError
+from worldstream.v1 import interpolation_pb2, pair_encoder_pb2
+from .client import EncoderClient
+from .pairs import payload_name, payload_value
+
+
+@dataclass(frozen=True)
+class ReceivedBatch:
+    """One batch's payload as it arrived."""
+    index: int
+    pairs: int
+    tensors: dict[str, torch.Tensor]
+    encode_seconds: float  # the encoder's work
+    transfer_seconds: float  # from the encoder starting to send it to the last chunk here (one host's clock)
+    payload_bytes: int
+
+
+class PairEncoderClient(EncoderClient):
+    """The decoder's encoder channel, opening frame-pair streams."""
+
+    async def open_pairs(self, start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig) -> PairFeed:
+        """Open the EncodePairs stream of a clip and wait for the encoder's `ready`."""
+        try:
+            await within(self._channel.channel_ready(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"the encoder service at {self.address} is not reachable (waited "
+                               f"{self.connect_timeout:g} s); it may be restarting, retry shortly") from None
+        feed = PairFeed(self, self._stub.EncodePairs(metadata=self._metadata), start, cfg)
+        try:
+            await feed.start()
+        except BaseException:
+            feed.close()
+            raise
+        return feed
+
+
+class PairFeed:
+    """The payloads of one clip's batches as they arrive (`batch(b)`, in order), and the clip's frames on their way
+    to the encoder (`send_frame`, `finish`). Taking batch b grants one more batch of credit: the encoder then
+    receives the frames of batch b + window."""
+
+    def __init__(self, client: PairEncoderClient, call: grpc.aio.StreamStreamCall,
+                 start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig):
+        self.client = client
+        self.call = call
+        self.start_message = start
+        self.batch_size = start.batch
+        self.payload = payload_name(start.payload)
+        self.geometry = PairGeometry(start.height, start.width, cfg.patch_size)
+        self.cfg = cfg
+        self._granted = start.initial_credits
+        self._frames_sent = 0
+        self._total_pairs: int | None = None  # known once the clip's last frame was sent
+        self._received: dict[int, ReceivedBatch] = {}
+        self._next = 0  # the batch due from the encoder
+        self._failure: ServiceError | None = None
+        self._changed = asyncio.Condition()
+        self._writing = asyncio.Lock()  # frames and credits share the request stream
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        try:
+            await self.call.write(pair_encoder_pb2.EncodePairsRequest(start=self.start_message))
+            first = await within(self.call.read(), self.client.request_timeout)
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder at {self.client.address} did not answer "
+                                                            f"within {self.client.request_timeout:g} s") from None
+        except Exception as e:
+            raise await self._opening_failure(e) from None
+        if first is grpc.aio.EOF or first.WhichOneof("response") != "ready":
+            raise ServiceError(grpc.StatusCode.INTERNAL, "the encoder did not start its pair stream with `ready`")
+        if (first.ready.payload, first.ready.batch) != (payload_value(self.payload), self.batch_size):
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder's pair stream has payload {first.ready.payload} "
+                                                         f"and batch {first.ready.batch}, not what was asked")
+        self._reader = asyncio.create_task(self._read())
+
+    async def _opening_failure(self, error: Exception) -> ServiceError:
+        what = f"encoder service at {self.client.address}"
+        if not isinstance(error, grpc.RpcError) and self.call.done():
+            code, details = await self.call.code(), await self.call.details()
+            if code != grpc.StatusCode.OK:
+                error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+        if isinstance(error, grpc.RpcError):
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return ServiceError(grpc.StatusCode.INTERNAL, f"the {what} does not serve frame pairs: run it with "
+                                                              "this decoder's (eden) config")
+            return status_from_rpc_error(error, what)
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the {what} failed ({type(error).__name__}: {error}); "
+                                                         "retry later")
+
+    # -- towards the encoder --
+
+    async def send_frame(self, data: bytes) -> None:
+        """Forward the clip's next frame once its batch has credit (the caller reads no further meanwhile)."""
+        index = self._frames_sent
+        await self._until(lambda: index <= self._granted * self.batch_size or self._failure is not None)
+        if self._failure is not None:
+            raise self._failure
+        await self._write(pair_encoder_pb2.EncodePairsRequest(frame=interpolation_pb2.ClipFrame(data=data)))
+        async with self._changed:
+            self._frames_sent += 1
+            self._changed.notify_all()
+
+    async def finish(self) -> None:
+        """The clip ends with the frames sent so far: half-close."""
+        self._total_pairs = max(0, self._frames_sent - 1)
+        async with self._writing:
+            try:
+                await self.call.done_writing()
+            except Exception as e:
+                await self._fail(self._stream_failure(e))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _write(self, message: pair_encoder_pb2.EncodePairsRequest) -> None:
+        async with self._writing:
+            try:
+                await self.call.write(message)
+            except Exception as e:
+                await self._fail(self._stream_failure(e))
+                raise self._failure from None
+
+    async def _grant(self) -> None:
+        if self._total_pairs is not None:
+            return  # every frame is sent (and the request stream closed)
+        async with self._changed:
+            self._granted += 1  # first: a frame may wait for it
+            self._changed.notify_all()
+        try:
+            await self._write(pair_encoder_pb2.EncodePairsRequest(credit=pair_encoder_pb2.PairCredit(batches=1)))
+        except ServiceError:
+            pass  # the failure is the stream's; the batches already here stay usable
+
+    # -- from the encoder --
+
+    async def batch(self, b: int) -> ReceivedBatch | None:
+        """The payload of batch b (batches are taken in order, each once); None once the clip has no batch b."""
+        def ready() -> bool:
+            return b in self._received or self._failure is not None or self._past_end(b)
+        # The client's pace is not the encoder's fault: its time starts once the batch's frames are sent.
+        last_frame = (b + 1) * self.batch_size
+        await self._until(lambda: self._frames_sent > last_frame or self._total_pairs is not None or ready())
+        try:
+            await within(self._until(ready), self.client.request_timeout)
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder did not deliver batch {b} within "
+                                                            f"{self.client.request_timeout:g} s") from None
+        if b in self._received:
+            await self._grant()
+            return self._received.pop(b)
+        if self._past_end(b):
+            return None
+        raise self._failure
+
+    def _past_end(self, b: int) -> bool:
+        return self._total_pairs is not None and b * self.batch_size >= self._total_pairs
+
+    async def _until(self, predicate) -> None:
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _fail(self, failure: ServiceError) -> None:
+        async with self._changed:
+            self._failure = self._failure or failure
+            self._changed.notify_all()
+
+    def _stream_failure(self, error: Exception) -> ServiceError:
+        if isinstance(error, grpc.RpcError):
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the client's frame: its message says which
+                return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, error.details())
+            cause = f"{error.code().name}: {error.details()}"
+        else:
+            cause = f"{type(error).__name__}: {error}"
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder's pair stream failed ({cause}); retry later")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    if self._total_pairs is None or self._next * self.batch_size < self._total_pairs:
+                        raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder ended the pair stream after "
+                                                                        f"{self._next} batches; retry later")
+                    return
+                if message.WhichOneof("response") != "batch":
+                    raise WireFormatError(f"`{message.WhichOneof('response') or 'an empty response'}` where a batch "
+                                          "header is due")
+                batch = await self._read_batch(message)
+                async with self._changed:
+                    self._received[batch.index] = batch
+                    self._next += 1
+                    self._changed.notify_all()
+        except WireFormatError as e:
+            failure = ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} broke the pair "
+                                                             f"stream's rules: {e}")
+        except ServiceError as e:
+            failure = e
+        except Exception as e:
+            failure = self._stream_failure(e)
+        await self._fail(failure)
+
+    async def _read_batch(self, message: pair_encoder_pb2.EncodePairsResponse) -> ReceivedBatch:
+        """The tensors that follow a batch header, checked against the payload's spec."""
+        header = message.batch
+        if header.batch_index != self._next:
+            raise WireFormatError(f"batch {header.batch_index} while batch {self._next} is due")
+        if not 1 <= header.pairs <= self.batch_size:
+            raise WireFormatError(f"a batch of {header.pairs} pairs in a stream of batches of {self.batch_size}")
+        last_frame = self._next * self.batch_size + header.pairs
+        if last_frame >= self._frames_sent:  # also catches a batch after a short (last) one
+            raise WireFormatError(f"batch {self._next} of {header.pairs} pairs before its frames were sent")
+        if header.pairs < self.batch_size and last_frame != self._total_pairs:
+            raise WireFormatError(f"a short batch of {header.pairs} pairs that is not the clip's last")
+        payload_bytes = message.ByteSize()
+        tensors: dict[str, torch.Tensor] = {}
+        for spec in payload_spec(self.payload, header.pairs, self.geometry, self.cfg):
+            tensor, size = await self._read_tensor(spec)
+            tensors[spec.name] = tensor
+            payload_bytes += size
+        transfer = time.time() - header.send_time.ToNanoseconds() / 1e9
+        return ReceivedBatch(header.batch_index, header.pairs, tensors, header.encode_seconds, max(0.0, transfer),
+                             payload_bytes)
+
+    async def _read_tensor(self, spec: TensorSpec) -> tuple[torch.Tensor, int]:
+        if spec.shape is None:  # variable length: bounded, checked once complete
+            assembler = TensorAssembler(max_tensor_bytes=spec.max_elements * spec.dtype.itemsize)
+        else:
+            assembler = TensorAssembler(max_tensor_bytes=math.prod(spec.shape) * spec.dtype.itemsize,
+                                        expected={spec.name: (spec.dtype, spec.shape)})
+        size = 0
+        while True:
+            message = await self.call.read()
+            if message is grpc.aio.EOF or message.WhichOneof("response") != "tensor":
+                raise WireFormatError(f"the payload ended before its tensor {spec.name!r} was complete")
+            chunk = message.tensor
+            if chunk.offset == 0 and chunk.name != spec.name:
+                raise WireFormatError(f"tensor {chunk.name[:64]!r} where {spec.name!r} is due")
+            size += message.ByteSize()
+            done = assembler.add(chunk)
+            if done is not None:
+                break
+        tensor = done[1]
+        try:
+            spec.check(tensor.dtype, tuple(tensor.shape))
+        except ValueError as e:
+            raise WireFormatError(str(e)) from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WireFormatError(f"tensor {spec.name!r} holds NaN or infinite values")
+        return tensor, size
+
+    def close(self) -> None:
+        """End the stream (the encoder frees its state)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        self.call.cancel()
