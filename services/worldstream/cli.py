@@ -3,6 +3,7 @@
     worldstream serve encoder --config mg2/universal --port 50052 --metrics-port 9102
     worldstream serve decoder --config mg2/universal --port 50051 --metrics-port 9101 --encoder-address HOST:PORT
     worldstream batch --config mg2/universal_tiny --blocks 10 --out out/batch.mp4 --overlay
+    worldstream interpolate --config eden/interpolate_tiny --video in.mp4 --factor 2 --out out/interpolated.mp4
     worldstream golden ../shared/golden/*.safetensors
     worldstream demo                  # both services and the client on the tiny config, writes out/demo.mp4
     worldstream health HOST:PORT      # exit status 0 iff the server reports SERVING
@@ -19,6 +20,7 @@ from pathlib import Path
 from .decoder.__main__ import add_arguments as add_decoder_arguments, build as build_decoder
 from .encoder.__main__ import add_arguments as add_encoder_arguments, build as build_encoder
 from .engine.config import CONFIG_ROOT, ConfigError, add_config_arguments, config_from_args, overrides_from_args
+from .interpolate import add_arguments as add_interpolate_arguments, run as run_interpolate
 from .serving.bootstrap import add_server_arguments, serve
 from .serving.security import SecurityConfigError, add_tls_channel_arguments, channel_tls_from_args
 
@@ -122,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     golden = commands.add_parser("golden", help="check golden test vectors (fp32, atol = rtol = 1e-4)")
     golden.add_argument("files", nargs="+", type=Path, help="golden .safetensors files")
     golden.set_defaults(run=run_golden)
+
+    interpolate = commands.add_parser("interpolate", help="interpolate a video offline, in this process (eden)")
+    add_interpolate_arguments(interpolate)
+    interpolate.set_defaults(run=run_interpolate)
 
     demo = commands.add_parser("demo", help="both services and the client on loopback; writes a video")
     add_demo_arguments(demo)

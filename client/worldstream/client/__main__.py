@@ -1,9 +1,11 @@
-"""worldstream-client: play sessions of a world model served by a decoder service.
+"""worldstream-client: play sessions of a world model served by a decoder service, or interpolate a video.
 
     worldstream-client play --address 127.0.0.1:50051 --image my.png --benchmark --blocks 10 \
         --out out/session.mp4 [--overlay] [--raw] [--pacing lockstep|realtime]
     worldstream-client play ... --trajectory universal_demo     # a bundled trajectory, or a .json path
     worldstream-client play ... --interactive                   # W/A/S/D move, I/J/K/L look, Esc quits
+    worldstream-client interpolate --address 127.0.0.1:50051 --video in.mp4 --factor 2 --out out.mp4 \
+        [--batch K] [--payload tokens|frames]                   # against an EDEN deployment
 
 The mode, its action space, the frame size and the frame rate come from the server's `SessionInfo`.
 """
@@ -19,6 +21,7 @@ import grpc
 
 from worldstream.api.trajectory import parse_trajectory, planned_actions, read_trajectory
 from .interactive import KeyboardActions, TerminalKeys
+from .interpolate import add_arguments as add_interpolate_arguments
 from .session import ReceivedBlock, SessionResult, SessionStream, start_request
 from .video import VideoWriter, import_av
 
@@ -48,10 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     play.add_argument("--seed", type=int, default=0, help="noise seed of the session")
     play.add_argument("--benchmark-seed", type=int, default=0, help="seed of the benchmark trajectory")
     play.add_argument("--window", type=int, default=2, help="LOCKSTEP actions kept in flight")
+    add_interpolate_arguments(commands)
     args = parser.parse_args(argv)
-    if args.blocks < 1:
-        play.error("--blocks must be at least 1")
-    args.pacing = args.pacing or ("realtime" if args.interactive else "lockstep")
+    if args.command == "play":
+        if args.blocks < 1:
+            play.error("--blocks must be at least 1")
+        args.pacing = args.pacing or ("realtime" if args.interactive else "lockstep")
     return args
 
 
