@@ -140,8 +140,8 @@ def main() -> int:
             gateway.terminate()
             gateway.wait(15)
     for transport, result in results.items():
-        print(f"\n{transport}: {result['frames']} frames painted over {result['blocks']} blocks at {result['fps']} fps, "
-              f"{result['bytes_per_frame'] / 1024:.1f} KiB per frame")
+        print(f"\n{transport}: {result['frames']} frames painted over {result['blocks']} blocks at "
+              f"{result['fps']} fps, {result['bytes_per_frame'] / 1024:.1f} KiB per frame")
         print(f"{'ms':<42} {'median':>8} {'p10':>8} {'p90':>8} {'n':>6}")
         for key, label in [*COLUMNS, ("interval", "paint interval inside a block")]:
             s = result[key]
