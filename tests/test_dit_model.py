@@ -84,7 +84,8 @@ def test_missing_checkpoint_file_is_named(tmp_path):
 HOT_PATH = [
     block_loop.BlockDenoiser.denoise, block_loop.GaussianNoise.__call__, generator.GenerationSession.generate,
     block_loop.SessionDiT.__call__, cuda_graphs.GraphedSessionDiT.__call__, cuda_graphs.GraphedSessionDiT._load,
-    scheduler.flow_to_x0, scheduler.renoise, kv_cache.RollingKVCache.update, rope.apply_rope,
+    scheduler.flow_to_x0, scheduler.renoise, kv_cache.RingKVCache.update, kv_cache.RollingWindow.slots,
+    kv_cache.GlobalWindow.slots, kv_cache.RingSlots.of, rope.apply_rope,
     action_module.rms_normalize, action_module.ActionModule.forward, action_module.ActionModule._windows,
     causal_wan.CausalWanModel.forward, causal_wan.CausalWanModel.forward_at, causal_wan.CausalWanModel.ring_slots,
     causal_wan.CausalWanModel._rope, causal_wan.CausalWanBlock.forward,

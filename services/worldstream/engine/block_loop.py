@@ -49,7 +49,7 @@ class SessionDiT:
         return cls(model, model.new_caches(batch, tokens_per_frame, context_tokens, param.device, param.dtype),
                    **kwargs)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, start_frame: int,
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, start_frame: int,
                  keyboard_rows: torch.Tensor | None, mouse_rows: torch.Tensor | None) -> torch.Tensor:
         return self.model(x, t, cond, self.caches, start_frame, keyboard_rows, mouse_rows)
 
@@ -58,9 +58,13 @@ class SessionDiT:
 
 
 class BlockDenoiser:
-    """Runs blocks of one session through the DiT, on the session's DiT caches (`dit`; new caches if None)."""
+    """Runs blocks of one session through the DiT, on the session's DiT caches (`dit`; new caches if None).
 
-    def __init__(self, model: CausalWanModel, visual_context: torch.Tensor, latent_shape: tuple[int, int, int],
+    `context` is the session's cross-attention context: CLIP tokens (Matrix-Game-2) or the prompt's text context
+    (Self-Forcing), embedded into the cross-attention caches once, here.
+    """
+
+    def __init__(self, model: CausalWanModel, context: torch.Tensor, latent_shape: tuple[int, int, int],
                  timesteps: list[float], schedule: FlowMatchSchedule, context_noise: float, noise: NoiseSource,
                  frames_per_block: int = 3, dit: SessionDiT | None = None):
         param = next(model.parameters())
@@ -68,10 +72,10 @@ class BlockDenoiser:
         self.device, self.dtype = param.device, param.dtype
         self.frames_per_block = frames_per_block
         channels, height, width = latent_shape
-        batch, context_tokens = visual_context.shape[:2]
+        batch, context_tokens = context.shape[:2]
         self.block_shape = (batch, channels, frames_per_block, height, width)
         self.dit = dit if dit is not None else SessionDiT.create(model, batch, latent_shape, context_tokens)
-        model.set_context(self.dit.caches, visual_context.to(self.device, self.dtype))
+        model.set_context(self.dit.caches, context.to(self.device, self.dtype))
         self.noise = noise
         self.timesteps = timesteps
         self.sigmas = [schedule.sigma(t) for t in timesteps]
@@ -83,14 +87,16 @@ class BlockDenoiser:
         self._template = torch.empty(self.block_shape, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
-    def denoise(self, block_index: int, cond_concat: torch.Tensor, keyboard_rows: torch.Tensor | None,
-                mouse_rows: torch.Tensor | None, observe: Observer | None = None, clock=None) -> torch.Tensor:
+    def denoise(self, block_index: int, cond_concat: torch.Tensor | None = None,
+                keyboard_rows: torch.Tensor | None = None, mouse_rows: torch.Tensor | None = None,
+                observe: Observer | None = None, clock=None) -> torch.Tensor:
         """Generate the latents [B, 16, n, h, w] of block `block_index` and update the caches with them.
 
+        The per-block conditioning is whatever the model takes: `cond_concat` channels, action rows, or nothing.
         `observe(name, tensor)` sees every intermediate (golden checks); `clock.mark(stage)` times the stages.
         """
         start = block_index * self.frames_per_block
-        cond = cond_concat.to(self.device, self.dtype)
+        cond = cond_concat.to(self.device, self.dtype) if cond_concat is not None else None
         kb = keyboard_rows.to(self.device) if keyboard_rows is not None else None
         mouse = mouse_rows.to(self.device) if mouse_rows is not None else None
 

@@ -30,7 +30,7 @@ class GraphedSessionDiT(SessionDiT):
         self.graphs: dict[RingSlots, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.inputs: list[torch.Tensor | None] | None = None  # x, t, cond, frame_index, keyboard, mouse
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, start_frame: int,
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, start_frame: int,
                  keyboard_rows: torch.Tensor | None, mouse_rows: torch.Tensor | None) -> torch.Tensor:
         slots = self.model.ring_slots(start_frame, x.shape[2])
         captured = self.graphs.get(slots)

@@ -24,6 +24,7 @@ CHECK_MODULES = {
     "clip_visual": "clip",
     "umt5_encoder": "umt5",
     "eden_pair": "eden",
+    "selfforcing_t2v_blocks": "selfforcing",
 }
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import LayerCaches, RingSlots, RollingKVCache
+from .kv_cache import LayerCaches, RingSlots, RingKVCache
 from .rope import apply_rope, rope_angles
 
 ROPE_MAX_FRAMES = 7500
@@ -90,10 +90,10 @@ class ActionModule(nn.Module):
         self.register_buffer("rope_cos", angles.cos().float(), persistent=False)
         self.register_buffer("rope_sin", angles.sin().float(), persistent=False)
 
-    def new_caches(self, batch: int, tokens_per_frame: int, window: int, device, dtype) -> dict[str, RollingKVCache]:
-        caches = {"keyboard": RollingKVCache(batch, window, 1, self.heads, self.head_dim, device, dtype)}
+    def new_caches(self, batch: int, tokens_per_frame: int, window: int, device, dtype) -> dict[str, RingKVCache]:
+        caches = {"keyboard": RingKVCache(batch, window, 1, self.heads, self.head_dim, device, dtype)}
         if self.enable_mouse:
-            caches["mouse"] = RollingKVCache(batch * tokens_per_frame, window, 1, self.heads, self.head_dim,
+            caches["mouse"] = RingKVCache(batch * tokens_per_frame, window, 1, self.heads, self.head_dim,
                                              device, dtype)
         return caches
 

@@ -1,8 +1,16 @@
-"""Causal Wan2.1 DiT as Matrix-Game-2 uses it (`CausalWanModel`, i2v, KV-cached block-wise inference).
+"""Causal Wan2.1 DiT (`CausalWanModel`, KV-cached block-wise inference): one code path, several configurations.
 
-Parameter names and module nesting follow the published checkpoints (which prefix every key with `model.`).
-One call processes one block of latent frames: input [B, 16, n, h, w] plus its conditioning, output the
-flow (velocity) prediction of the same shape. State between calls lives in `DiTCaches`.
+* Matrix-Game-2: image cross-attention (CLIP tokens through `img_emb`), `cond_concat` channels concatenated to
+  the latents (in_dim 36), the keyboard/mouse action module in the first layers, a rolling KV window.
+* Self-Forcing (Wan2.1-T2V-1.3B): text cross-attention (UMT5 context through `text_embedding`), in_dim 16, no
+  action module, a global KV cache of 21 latent frames.
+* LongLive (next): Self-Forcing's model with a frame sink and a rolling window, LoRA merged at load.
+
+What differs is configuration (`DiTConfig`): the context embedder, the extra input channels, the action layers
+and the cache policy; everything else (blocks, RoPE, caches, head) is shared. Parameter names and module nesting
+follow the published checkpoints (which prefix every key with `model.`). One call processes one block of latent
+frames: input [B, 16, n, h, w] plus its conditioning, output the flow (velocity) prediction of the same shape.
+State between calls lives in `DiTCaches`.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .action_module import ActionModule
-from .kv_cache import DiTCaches, LayerCaches, RingSlots, RollingKVCache
+from .kv_cache import CachePolicy, DiTCaches, GlobalWindow, LayerCaches, RingKVCache, RingSlots, RollingWindow
 from .rope import apply_rope, rope_angles
 
 ROPE_MAX_FRAMES = 1024  # the reference's temporal RoPE table: latent frames 0..1023
@@ -47,16 +55,43 @@ class DiTConfig:
     dim: int = 1536
     ffn_dim: int = 8960
     freq_dim: int = 256
-    in_dim: int = 36
+    in_dim: int = 16  # latent channels + conditioning channels (`cond_concat`) concatenated to them
     out_dim: int = 16
     num_heads: int = 12
     num_layers: int = 30
     eps: float = 1e-6
     patch_size: tuple[int, int, int] = (1, 2, 2)
-    clip_dim: int = 1280
-    local_attn_size: int = 6
+    # The cross-attention context, exactly one of: CLIP image tokens of width clip_dim through `img_emb`, or the
+    # UMT5 text context of width text_dim through `text_embedding`, zero-padded to text_len rows.
+    clip_dim: int | None = None
+    text_dim: int | None = None
+    text_len: int = 512
+    local_attn_size: int = -1  # KV window in latent frames; -1: global attention over the session
     sink_size: int = 0
-    action: ActionConfig | None = field(default_factory=ActionConfig)
+    global_cache_frames: int = 21  # the global KV cache's size (the reference's 32760 = 21 x 1560 tokens)
+    action: ActionConfig | None = None  # the keyboard/mouse action module and the layers that have it
+
+    def __post_init__(self):
+        if (self.clip_dim is None) == (self.text_dim is None):
+            raise ValueError("a DiT config sets exactly one of clip_dim (image cross-attention) and text_dim "
+                             f"(text cross-attention); got clip_dim={self.clip_dim}, text_dim={self.text_dim}")
+        if self.in_dim < self.out_dim:
+            raise ValueError(f"in_dim ({self.in_dim}) holds the {self.out_dim} latent channels plus the conditioning "
+                             "channels, so it cannot be smaller than out_dim")
+
+    @property
+    def cond_channels(self) -> int:
+        """Channels of the per-block `cond_concat` input (0: the model takes none)."""
+        return self.in_dim - self.out_dim
+
+    def cache_policy(self) -> CachePolicy:
+        if self.sink_size != 0:
+            raise ValueError("sink_size > 0 (LongLive's frame sink) is not supported yet")
+        if self.local_attn_size == -1:
+            return GlobalWindow(self.global_cache_frames)
+        if self.local_attn_size < 1:
+            raise ValueError(f"local_attn_size must be -1 (global) or >= 1 latent frames, got {self.local_attn_size}")
+        return RollingWindow(self.local_attn_size)
 
 
 class RMSNorm(nn.Module):
@@ -98,7 +133,7 @@ class AttentionProjections(nn.Module):
 
 
 class SelfAttention(AttentionProjections):
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, cache: RollingKVCache,
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, cache: RingKVCache,
                 slots: RingSlots) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope_cos, rope_sin)
@@ -167,16 +202,49 @@ class Head(nn.Module):
         return self.head(y.flatten(1, 2))
 
 
+# -- context embedders: the cross-attention context of each configuration -------------------------------------------
+
 class MLPProj(nn.Module):
-    """CLIP image tokens -> DiT width (`img_emb`)."""
+    """CLIP image tokens [B, T, clip_dim] -> DiT width (`img_emb`, Wan i2v)."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Sequential(LayerNorm(in_dim, eps=1e-5), nn.Linear(in_dim, in_dim), nn.GELU(),
                                   nn.Linear(in_dim, out_dim), LayerNorm(out_dim, eps=1e-5))
 
+    def context_tokens(self, given: int) -> int:
+        return given
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
+
+
+class TextEmbedding(nn.Sequential):
+    """UMT5 context [B, L <= text_len, text_dim] -> [B, text_len, dim] (`text_embedding`, Wan t2v).
+
+    Short contexts are zero-padded to text_len rows first, as the reference does; there is no padding mask, so
+    every row (the MLP makes the zero rows non-zero) takes part in cross-attention.
+    """
+
+    def __init__(self, text_dim: int, dim: int, text_len: int):
+        super().__init__(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_len = text_len
+
+    def context_tokens(self, given: int) -> int:
+        if given > self.text_len:
+            raise ValueError(f"the text context has {given} rows; this model takes at most text_len={self.text_len}")
+        return self.text_len
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        context = F.pad(context, (0, 0, 0, self.context_tokens(context.shape[1]) - context.shape[1]))
+        return super().forward(context)
+
+
+def build_context_embedder(cfg: DiTConfig) -> tuple[str, MLPProj | TextEmbedding]:
+    """The configuration's context embedder and its checkpoint name."""
+    if cfg.text_dim is not None:
+        return "text_embedding", TextEmbedding(cfg.text_dim, cfg.dim, cfg.text_len)
+    return "img_emb", MLPProj(cfg.clip_dim, cfg.dim)
 
 
 def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -190,14 +258,14 @@ def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
 class CausalWanModel(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if cfg.sink_size != 0:
-            raise ValueError("sink_size > 0 is not supported yet")
         self.cfg = cfg
+        self.cache_policy = cfg.cache_policy()
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.img_emb = MLPProj(cfg.clip_dim, dim)
+        self.context_name, embedder = build_context_embedder(cfg)
+        self.add_module(self.context_name, embedder)
         action_layers = set(cfg.action.blocks) if cfg.action is not None else set()
         self.blocks = nn.ModuleList(CausalWanBlock(cfg, i in action_layers) for i in range(cfg.num_layers))
         self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
@@ -211,15 +279,20 @@ class CausalWanModel(nn.Module):
             self.register_buffer(f"rope_sin_{name}", a.sin().float(), persistent=False)
 
     # -- session state -------------------------------------------------------------------------------------------
+    @property
+    def context_embedder(self) -> MLPProj | TextEmbedding:
+        return getattr(self, self.context_name)
+
     def new_caches(self, batch: int, tokens_per_frame: int, context_tokens: int, device, dtype) -> DiTCaches:
-        """Every cache of a session, preallocated (`set_context` fills the cross-attention ones in place)."""
+        """Every cache of a session, preallocated (`set_context` fills the cross-attention ones in place);
+        `context_tokens`: rows of the context the session will give `set_context`."""
         cfg = self.cfg
-        window = cfg.local_attn_size
+        window = self.cache_policy.frames
         head_dim = cfg.dim // cfg.num_heads
-        cross_shape = (batch, context_tokens, cfg.num_heads, head_dim)
+        cross_shape = (batch, self.context_embedder.context_tokens(context_tokens), cfg.num_heads, head_dim)
         caches = DiTCaches()
         for block in self.blocks:
-            layer = LayerCaches(RollingKVCache(batch, window, tokens_per_frame, cfg.num_heads, head_dim, device, dtype),
+            layer = LayerCaches(RingKVCache(batch, window, tokens_per_frame, cfg.num_heads, head_dim, device, dtype),
                                 torch.empty(cross_shape, device=device, dtype=dtype),
                                 torch.empty(cross_shape, device=device, dtype=dtype))
             if block.action_model is not None:
@@ -228,10 +301,11 @@ class CausalWanModel(nn.Module):
             caches.layers.append(layer)
         return caches
 
-    def set_context(self, caches: DiTCaches, visual_context: torch.Tensor) -> None:
-        """Project the CLIP tokens once per session into every layer's cross-attention keys/values (in place:
-        captured CUDA graphs read these buffers)."""
-        context = self.img_emb(visual_context)
+    def set_context(self, caches: DiTCaches, context: torch.Tensor) -> None:
+        """Project the context (CLIP tokens or the prompt's text context) into every layer's cross-attention
+        keys/values, once per context: per session, or per prompt where prompts switch (in place: captured CUDA
+        graphs read these buffers)."""
+        context = self.context_embedder(context)
         for block, layer in zip(self.blocks, caches.layers):
             k, v = block.cross_attn.context_kv(context)
             layer.cross_k.copy_(k)
@@ -242,7 +316,7 @@ class CausalWanModel(nn.Module):
         """Where a call of `frames` latent frames starting at `start_frame` lands in the caches (checked)."""
         if start_frame + frames > ROPE_MAX_FRAMES:
             raise ValueError(f"latent frame {start_frame + frames - 1} is past the RoPE table ({ROPE_MAX_FRAMES})")
-        return RingSlots.of(start_frame, frames, self.cfg.local_attn_size)
+        return self.cache_policy.slots(start_frame, frames)
 
     def _rope(self, frame_index: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         frames = frame_index.shape[0]
@@ -256,17 +330,18 @@ class CausalWanModel(nn.Module):
         return (grid(self.rope_cos_t, self.rope_cos_h, self.rope_cos_w),
                 grid(self.rope_sin_t, self.rope_sin_h, self.rope_sin_w))
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond_concat: torch.Tensor, caches: DiTCaches,
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond_concat: torch.Tensor | None, caches: DiTCaches,
                 start_frame: int, keyboard_rows: torch.Tensor | None = None,
                 mouse_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, 16, n, H, W] noisy latents, timestep [B, n] (float), cond_concat [B, 20, n, H, W];
-        keyboard_rows/mouse_rows [B, 4n+8, K] the action rows this block's windows read. Returns the flow."""
+        """x [B, 16, n, H, W] noisy latents, timestep [B, n] (float), cond_concat [B, in_dim - 16, n, H, W] (None
+        when in_dim is 16); keyboard_rows/mouse_rows [B, 4n+8, K] the action rows this block's windows read (with
+        an action module). Returns the flow."""
         frames = x.shape[2]
         slots = self.ring_slots(start_frame, frames)
         frame_index = torch.arange(start_frame, start_frame + frames, device=x.device)
         return self.forward_at(x, timestep, cond_concat, caches, slots, frame_index, keyboard_rows, mouse_rows)
 
-    def forward_at(self, x: torch.Tensor, timestep: torch.Tensor, cond_concat: torch.Tensor, caches: DiTCaches,
+    def forward_at(self, x: torch.Tensor, timestep: torch.Tensor, cond_concat: torch.Tensor | None, caches: DiTCaches,
                    slots: RingSlots, frame_index: torch.Tensor, keyboard_rows: torch.Tensor | None = None,
                    mouse_rows: torch.Tensor | None = None) -> torch.Tensor:
         """`forward` with the positions given as the ring phase `slots` and the device tensor `frame_index` [n]
@@ -274,7 +349,8 @@ class CausalWanModel(nn.Module):
         one CUDA graph captured per ring phase replays for every block of that phase."""
         b, _, frames, height, width = x.shape
         pt, ph, pw = self.cfg.patch_size
-        tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1).to(self.patch_embedding.weight.dtype))
+        inputs = x if cond_concat is None else torch.cat([x, cond_concat], dim=1)
+        tokens = self.patch_embedding(inputs.to(self.patch_embedding.weight.dtype))
         gh, gw = tokens.shape[3], tokens.shape[4]
         tokens = tokens.flatten(2).transpose(1, 2)  # [B, n*gh*gw, dim], frame-major
 

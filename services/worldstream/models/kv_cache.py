@@ -1,16 +1,25 @@
-"""Preallocated rolling KV caches for causal, block-wise generation.
+"""Preallocated KV caches for causal, block-wise generation, and the policies that say which frames they keep.
 
-Every cache keeps the last `window` latent frames of keys/values in a ring buffer: frame f lives in slot
-f % window. The reference shifts its buffers left when a new block does not fit; because attention over the
-cache is unmasked, the order of the slots does not matter, so a ring buffer gives the same result without
-copies. Positions are plain Python ints owned by the caller: no index ever lives on the device, so updating
-a cache never synchronises with the host. A call sees the ring only through its `RingSlots`, which take three
-values in a whole session (blocks of 3 frames, window 6), so compiled layers specialise on those and never on
-the ever-growing frame index.
+Every cache is a ring buffer of `frames` latent frames of keys/values: frame f lives in slot f % frames. Which
+frames a session may write, and so whether the ring ever wraps, is the cache policy's business:
+
+* `RollingWindow` (Matrix-Game-2's local attention): the last `frames` frames. The reference shifts its
+  buffers left when a new block does not fit; because attention over the cache is unmasked, the order of the
+  slots does not matter, so a ring gives the same result without copies. Sessions of any length.
+* `GlobalWindow` (Self-Forcing's global attention): every frame of the session, up to `frames` (21). The ring
+  never wraps; a call past the end is an error, so the cache bounds the session's length.
+* LongLive's frame sink (window 12, sink 3) will be a third policy: its first `sink` frames never leave, the
+  rest roll, i.e. a ring over slots [sink, frames).
+
+Positions are plain Python ints owned by the caller: no index ever lives on the device, so updating a cache
+never synchronises with the host. A call sees the ring only through its `RingSlots`, which take few values in a
+whole session (three for blocks of 3 frames in a rolling window of 6, seven in a global cache of 21), so
+compiled layers and captured CUDA graphs specialise on those and never on the ever-growing frame index.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -30,8 +39,65 @@ class RingSlots:
         return cls(start_frame % window, frames, min(start_frame + frames, window))
 
 
-class RollingKVCache:
-    """Keys/values of the last `window` frames, `tokens_per_frame` entries per frame along dim 1.
+class CachePolicy(Protocol):
+    """Which latent frames the caches of a session keep (see the module docstring)."""
+
+    frames: int  # slots of every cache, in latent frames
+
+    @property
+    def max_frames(self) -> int | None:
+        """Latent frames a session can reach (None: the cache never ends a session)."""
+
+    def slots(self, start_frame: int, frames: int) -> RingSlots:
+        """Where a call of `frames` latent frames starting at `start_frame` lands (ValueError if it cannot)."""
+
+
+@dataclass(frozen=True)
+class RollingWindow:
+    """The last `frames` latent frames: a new block overwrites the oldest."""
+
+    frames: int
+
+    @property
+    def max_frames(self) -> None:
+        return None
+
+    def slots(self, start_frame: int, frames: int) -> RingSlots:
+        return RingSlots.of(start_frame, frames, self.frames)
+
+
+@dataclass(frozen=True)
+class GlobalWindow:
+    """Every latent frame of the session, up to `frames`: nothing is ever overwritten by another frame."""
+
+    frames: int
+
+    @property
+    def max_frames(self) -> int:
+        return self.frames
+
+    def slots(self, start_frame: int, frames: int) -> RingSlots:
+        if start_frame + frames > self.frames:
+            raise ValueError(f"latent frames {start_frame}..{start_frame + frames - 1} do not fit the global KV "
+                             f"cache of {self.frames} latent frames, which never rolls; a rolling window "
+                             "(local_attn_size) allows longer sessions")
+        return RingSlots.of(start_frame, frames, self.frames)
+
+
+def session_phases(policy: CachePolicy, frames_per_block: int) -> list[RingSlots]:
+    """The distinct `RingSlots` of a session's blocks, in order: every shape a compiled block loop takes."""
+    phases: list[RingSlots] = []
+    limit = policy.max_frames
+    while limit is None or (len(phases) + 1) * frames_per_block <= limit:
+        slots = policy.slots(len(phases) * frames_per_block, frames_per_block)
+        if slots in phases:
+            break
+        phases.append(slots)
+    return phases
+
+
+class RingKVCache:
+    """Keys/values of `window` frames in a ring, `tokens_per_frame` entries per frame along dim 1.
 
     Layout [batch, window * tokens_per_frame, heads, head_dim] serves the self-attention cache (tokens = the
     frame's patches), the mouse cache (batch = batch * patches, one entry per frame) and the keyboard cache.
@@ -66,11 +132,11 @@ class RollingKVCache:
 class LayerCaches:
     """Caches of one transformer layer."""
 
-    self_attn: RollingKVCache
-    cross_k: torch.Tensor  # [B, context_tokens, heads, head_dim], written once per session (`set_context`)
+    self_attn: RingKVCache
+    cross_k: torch.Tensor  # [B, context_tokens, heads, head_dim], written once per context (`set_context`)
     cross_v: torch.Tensor
-    mouse: RollingKVCache | None = None
-    keyboard: RollingKVCache | None = None
+    mouse: RingKVCache | None = None
+    keyboard: RingKVCache | None = None
 
 
 @dataclass
