@@ -123,7 +123,7 @@ def open_page(browser, gateway):
     return page
 
 
-def test_play_in_the_browser(stack, browser, tmp_path):
+def test_play_in_the_browser(browser, stack, tmp_path):  # browser first: no services without one
     """The page loads, a session starts, frames arrive and the counter advances, holding W is echoed, and
     closing the page frees the decoder's session."""
     services, gateway = stack
@@ -155,7 +155,7 @@ def test_play_in_the_browser(stack, browser, tmp_path):
     assert gateway.metric("worldstream_gateway_frames_sent_total", {"transport": "jpeg"}) >= first
 
 
-def test_webrtc_transport_and_recording(stack, browser):
+def test_webrtc_transport_and_recording(browser, stack):
     """The WebRTC video track plays too; stopping ends the session and offers the recording as an mp4."""
     services, gateway = stack
     page = open_page(browser, gateway)
@@ -175,7 +175,7 @@ def test_webrtc_transport_and_recording(stack, browser):
     wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
 
 
-def test_upload_of_a_non_image_shows_an_error(stack, browser):
+def test_upload_of_a_non_image_shows_an_error(browser, stack):
     _, gateway = stack
     page = open_page(browser, gateway)
     page.set_input_files("#upload", files=[{"name": "notes.txt", "mimeType": "text/plain",
