@@ -6,6 +6,7 @@
     worldstream interpolate --config eden/interpolate_tiny --video in.mp4 --factor 2 --out out/interpolated.mp4
     worldstream golden ../shared/golden/*.safetensors
     worldstream demo                  # both services and the client on the tiny config, writes out/demo.mp4
+    worldstream play                  # both services and the browser gateway; prints the page's URL
     worldstream health HOST:PORT      # exit status 0 iff the server reports SERVING
     worldstream client ARGS...        # the client's own command line (worldstream-client)
 
@@ -61,6 +62,18 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"encoder {stack.encoder_address}, decoder {stack.address}", flush=True)
         return client_main(["play", "--address", stack.address, "--image", str(args.image), *source,
                             "--blocks", str(args.blocks), "--out", str(args.out), "--overlay"])  # prints the path
+
+
+def run_play(args: argparse.Namespace) -> int:
+    """Both services as child processes on loopback, and the browser gateway in this process until Ctrl-C."""
+    config_from_args(args)  # a bad config fails here, before anything starts
+
+    from worldstream.gateway.__main__ import main as gateway_main
+    from .serving.processes import ServiceStack
+
+    print(f"starting the encoder and decoder services ({args.config}); logs in {args.logs}/", flush=True)
+    with ServiceStack(args.config, args.logs, overrides_from_args(args)) as stack:
+        return gateway_main(["--decoder", stack.address, "--host", args.host, "--port", str(args.port)])
 
 
 def run_health(args: argparse.Namespace) -> int:
@@ -132,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="both services and the client on loopback; writes a video")
     add_demo_arguments(demo)
     demo.set_defaults(run=run_demo)
+
+    play = commands.add_parser("play", help="both services and the browser gateway on loopback; prints the URL")
+    add_config_arguments(play)
+    play.add_argument("--host", default="127.0.0.1", help="address the page is served on")
+    play.add_argument("--port", type=int, default=8080, help="port the page is served on")
+    play.add_argument("--logs", type=Path, default=Path("out/logs"), help="folder for the services' logs")
+    play.set_defaults(run=run_play)
 
     health = commands.add_parser("health", help="exit 0 iff the server's grpc.health.v1 check says SERVING")
     health.add_argument("address", metavar="HOST:PORT")
