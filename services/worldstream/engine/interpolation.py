@@ -266,10 +266,12 @@ Transport = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], i
 
 def interpolate_frames(interpolator: EdenInterpolator, frames: Iterable[torch.Tensor], *, factor: int, batch: int,
                        seed: int = 0, payload: str = "frames", jpeg_quality: int = DEFAULT_PAYLOAD_JPEG_QUALITY,
-                       transport: Transport | None = None) -> Iterator[BatchResult]:
+                       transport: Transport | None = None,
+                       timer: Callable[[], float] = time.perf_counter) -> Iterator[BatchResult]:
     """A clip's frames (uint8 [3, H, W] each, one size) -> the new frames, batch by batch, both halves in this
     process. `transport` carries each payload from one half to the other and returns it with its byte count
-    (the benchmark's serialisations); None hands the tensors over as they are."""
+    (the benchmark's serialisations); None hands the tensors over as they are. The stage times come from `timer`
+    (a benchmark's synchronises the device first)."""
     clip = ClipInterpolation(interpolator, factor, batch, seed)
     geometry = None
     for first_pair, run in consecutive_runs(frames, batch):
@@ -279,13 +281,12 @@ def interpolate_frames(interpolator: EdenInterpolator, frames: Iterable[torch.Te
         elif tuple(run.shape[-2:]) != (geometry.height, geometry.width):
             raise ValueError(f"frames of {run.shape[-2]}x{run.shape[-1]} in a clip of {geometry.height}x"
                              f"{geometry.width}: all frames of a clip must have one size")
-        started = time.perf_counter()
+        started = timer()
         tensors = encode_payload(run, payload, interpolator.model, jpeg_quality)
-        encoded = time.perf_counter()
+        encoded = timer()
         tensors, payload_bytes = transport(tensors) if transport is not None else (tensors, 0)
-        transferred = time.perf_counter()
+        transferred = timer()
         tokens = payload_tokens(payload, tensors, interpolator.model, geometry)
         new = clip.new_frames(tokens, first_pair, run if factor == 4 else None)
-        stages = {"encode": encoded - started, "transfer": transferred - encoded,
-                  "decode": time.perf_counter() - transferred}
+        stages = {"encode": encoded - started, "transfer": transferred - encoded, "decode": timer() - transferred}
         yield BatchResult(first_pair, new, stages, payload_bytes)
