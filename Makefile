@@ -9,7 +9,7 @@ CONFIG ?= mg2/universal_tiny
 BLOCKS ?= 10
 OUT ?= out/demo.mp4
 
-.PHONY: setup protos lint-protos demo test test-compose base-image golden batch bench-wire bench-loop clean
+.PHONY: setup protos lint-protos demo play test test-compose base-image golden batch bench-wire bench-loop clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ lint-protos:
 # Both services + the client on the tiny CPU config; writes $(OUT).
 demo: setup
 	$(VENV)/bin/worldstream demo --config $(CONFIG) --blocks $(BLOCKS) --out $(OUT)
+
+# Both services + the browser gateway on the tiny CPU config; prints the URL of the play page (Ctrl-C stops).
+play: setup
+	$(VENV)/bin/worldstream play --config $(CONFIG)
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,6 +2,7 @@
 dependency layers: they are installed before the code is copied in, so that editing the code reinstalls nothing.
 
     python pyproject_requirements.py client/pyproject.toml services/pyproject.toml          # run time
+    python pyproject_requirements.py 'client/pyproject.toml[web]' services/pyproject.toml   # + the client's web extra
     python pyproject_requirements.py --build client/pyproject.toml services/pyproject.toml  # build time
 
 A requirement on one of the given distributions (worldstream-services needs worldstream-client[video]) is
@@ -47,13 +48,20 @@ def runtime_requirements(projects: dict[str, dict]) -> list[str]:
 def main(argv: list[str]) -> int:
     build = "--build" in argv
     documents = []
-    for path in (a for a in argv if a != "--build"):
+    extras_of: dict[str, list[str]] = {}
+    for arg in (a for a in argv if a != "--build"):
+        path, extras = (arg[:-1].split("[", 1) + [""])[:2] if arg.endswith("]") else (arg, "")
         with open(path, "rb") as f:
             documents.append(tomllib.load(f))
+        extras_of[normalized(documents[-1]["project"]["name"])] = [e for e in extras.split(",") if e]
     if build:
         wanted = [r for doc in documents for r in doc.get("build-system", {}).get("requires", [])]
     else:
-        wanted = runtime_requirements({normalized(doc["project"]["name"]): doc["project"] for doc in documents})
+        projects = {normalized(doc["project"]["name"]): doc["project"] for doc in documents}
+        wanted = runtime_requirements(projects)
+        for name, extras in extras_of.items():
+            wanted += [r for e in extras for r in projects[name].get("optional-dependencies", {})[e]
+                       if split(r)[0] not in projects]
     print("\n".join(dict.fromkeys(wanted)))  # first occurrence of each, in order
     return 0
 

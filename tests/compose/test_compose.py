@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(1800)  # the first test includes building the i
 # tests check is loopback.
 ENV = {**{k: v for k, v in os.environ.items() if k != "WORLDSTREAM_BIND_ADDRESS"},
        "COMPOSE_PROJECT_NAME": PROJECT, "WORLDSTREAM_PORT": "0", "WORLDSTREAM_DECODER_METRICS_PORT": "0",
-       "WORLDSTREAM_ENCODER_METRICS_PORT": "0"}
+       "WORLDSTREAM_ENCODER_METRICS_PORT": "0", "WORLDSTREAM_GATEWAY_PORT": "0"}
 
 
 def frames_of(blocks: int) -> int:
@@ -124,13 +124,17 @@ def stack():
         compose("down", "--volumes")
 
 
-def test_both_healthchecks_pass(stack):
+def test_every_healthcheck_passes_and_the_page_is_served(stack):
     assert health("encoder") == "healthy"
     assert health("decoder") == "healthy"  # which needs its encoder (test_a_crashed_encoder...)
+    assert health("gateway") == "healthy"  # which needs its decoder
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(f"http://{published('gateway', 8080)}/", timeout=10) as reply:
+        assert reply.status == 200 and b"<html" in reply.read().lower()
 
 
 def test_containers_run_as_deployed(stack):
-    for service, ports in [("encoder", [9102]), ("decoder", [50051, 9101])]:
+    for service, ports in [("encoder", [9102]), ("decoder", [50051, 9101]), ("gateway", [8080])]:
         inspected = container(service)
         assert inspected["Config"]["User"] == "10001:10001", f"{service} runs as root"
         host_config = inspected["HostConfig"]
