@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..models.causal_wan import ActionConfig, CausalWanModel, DiTConfig
-from ..models.checkpoints import CheckpointError, init_random_, load_strict, read_state_dict
+from ..models.checkpoints import (CheckpointError, check_strict, init_random_, load_strict, read_state_dict,
+                                  safetensors_layout)
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +73,69 @@ def load_weights(module: nn.Module, cfg: DictConfig, checkpoint: str | None, pre
     return module
 
 
+# The Wan2.1-T2V base folder as published (Wan-AI/Wan2.1-T2V-1.3B, read by diffusers' ModelMixin loader)
+WAN_CONFIG_FILE = "config.json"
+WAN_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# config.json fields that must match the model built from our config (the others are diffusers bookkeeping)
+WAN_CONFIG_FIELDS = ("dim", "ffn_dim", "freq_dim", "in_dim", "out_dim", "num_heads", "num_layers", "eps",
+                     "text_len", "text_dim", "patch_size")
+GENERATOR_KEYS = ("generator", "generator_ema")  # what Self-Forcing's trainer saves the generator as
+
+
+def check_wan_config(path: Path, cfg: DiTConfig) -> None:
+    """The base folder's config.json describes the model our config builds (CheckpointError naming the field)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the base folder holds the Wan2.1-T2V-1.3B download "
+                              f"({WAN_CONFIG_FILE} + {WAN_WEIGHTS_FILE})")
+    published = json.loads(path.read_text())
+    if published.get("model_type") != "t2v":
+        raise CheckpointError(f"{path}: model_type is {published.get('model_type')!r}, expected 't2v' "
+                              "(Wan2.1-T2V-1.3B)")
+    for field in WAN_CONFIG_FIELDS:
+        ours = getattr(cfg, field)
+        if field in published and published[field] != (list(ours) if field == "patch_size" else ours):
+            raise CheckpointError(f"{path}: {field} is {published[field]}, the config builds {ours}")
+
+
+def load_wan_t2v(model: CausalWanModel, checkpoints: DictConfig) -> None:
+    """Wan2.1-T2V base folder (`checkpoints.base`), then the generator of a training checkpoint on top
+    (`checkpoints.generator`, entry `checkpoints.generator_key`, keys prefixed `model.`), both strictly.
+
+    The generator covers every parameter (strict), so no base value survives it: the base weights are checked
+    key by key and shape by shape from the safetensors header, without reading their 5.7 GB.
+    """
+    base = Path(checkpoints.base)
+    check_wan_config(base / WAN_CONFIG_FILE, model.cfg)
+    weights = base / WAN_WEIGHTS_FILE
+    check_strict(model, safetensors_layout(weights), str(weights))
+    key = str(checkpoints.generator_key)
+    if key not in GENERATOR_KEYS:
+        raise CheckpointError(f"checkpoints.generator_key is {key!r}; the generator is saved as one of "
+                              f"{list(GENERATOR_KEYS)}")
+    source = f"{checkpoints.generator}[{key!r}]"
+    sd = read_state_dict(checkpoints.generator, prefix="model.", entry=key)
+    if not sd:
+        raise CheckpointError(f"{source}: no key starts with 'model.'; is this a Self-Forcing checkpoint?")
+    log.info("loading %s from %s (%d tensors)", type(model).__name__, source, len(sd))
+    load_strict(model, sd, source)
+
+
 def build_dit(cfg: DictConfig) -> CausalWanModel:
+    """The DiT of a config with seeded random weights (`init_seed`) or its family's published checkpoints:
+    Matrix-Game-2's single distilled file, or Self-Forcing's Wan2.1-T2V base + generator."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     with building(device, dtype):
         model = CausalWanModel(dit_config(cfg))
-    model = load_weights(model, cfg, cfg.checkpoints.dit, prefix="model.", seed_offset=1).eval()
+    if cfg.init_seed is not None:
+        init_random_(model, int(cfg.init_seed) + 1)
+    elif cfg.family == "self_forcing":
+        load_wan_t2v(model, cfg.checkpoints)
+    else:
+        load_weights(model, cfg, cfg.checkpoints.dit, prefix="model.")
+    model.eval()
     if cfg.compile:
         # Per layer, in place (state-dict keys unchanged). All layers share one compiled code object; static
-        # shapes give one graph per (action module or not) x ring phase: six in a session, all made at warm-up.
+        # shapes give one graph per (action module or not) x cache phase, all made at warm-up (MG2: six).
         for block in model.blocks:
             block.compile(dynamic=False)
     return model

@@ -16,8 +16,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing or does not match the model; the message names the file and the first bad key."""
 
 
-def read_state_dict(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Load the tensors of a local checkpoint file, keeping those under `prefix` (stripped)."""
+def read_state_dict(path: str | Path, prefix: str = "", entry: str | None = None) -> dict[str, torch.Tensor]:
+    """Load the tensors of a local checkpoint file, keeping those under `prefix` (stripped).
+
+    `entry`: the file is a dict of state dicts (a training checkpoint such as Self-Forcing's, with `generator`,
+    `generator_ema`, `critic`) and this one is wanted.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -31,32 +35,57 @@ def read_state_dict(path: str | Path, prefix: str = "") -> dict[str, torch.Tenso
             raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({exc})") from exc
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    if entry is not None:
+        if entry not in sd:
+            raise CheckpointError(f"{path}: no entry {entry!r}; the file holds {sorted(map(str, sd))}")
+        sd = sd[entry]
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path}: entry {entry!r} is a {type(sd).__name__}, not a state dict")
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 
-def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state_dict` into `module`; every key must be present with its exact shape, and no other key.
+# name -> (shape, floating point): what strict loading checks of each tensor
+Layout = dict[str, tuple[tuple[int, ...], bool]]
 
-    Raises CheckpointError naming `source` and the first offending key. Tensors are cast to the module's dtype
-    (the distilled DiT files are fp32 on disk and run in bf16 on GPU).
-    """
+
+def safetensors_layout(path: str | Path) -> Layout:
+    """The tensors' shapes and kinds from a .safetensors header, without reading any tensor data."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype().startswith(("F", "BF")))
+                for key in f.keys()}
+
+
+def check_strict(module: nn.Module, layout: Layout, source: str) -> None:
+    """Every key of `module` must be in `layout` with its exact shape, and no other key (CheckpointError naming
+    `source` and the first offending key)."""
     expected = module.state_dict()
     for key, param in expected.items():
-        if key not in state_dict:
+        if key not in layout:
             raise CheckpointError(f"{source}: missing key {key!r} (expected shape {list(param.shape)}; "
-                                  f"the file has {len(state_dict)} tensors, the model {len(expected)})")
-        got = state_dict[key]
-        if tuple(got.shape) != tuple(param.shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {list(got.shape)}, "
+                                  f"the file has {len(layout)} tensors, the model {len(expected)})")
+        shape, floating = layout[key]
+        if shape != tuple(param.shape):
+            raise CheckpointError(f"{source}: key {key!r} has shape {list(shape)}, "
                                   f"the model expects {list(param.shape)}")
-        if not got.is_floating_point() and param.is_floating_point():
-            raise CheckpointError(f"{source}: key {key!r} has dtype {got.dtype}, expected a floating tensor")
-    unexpected = [k for k in state_dict if k not in expected]
+        if not floating and param.is_floating_point():
+            raise CheckpointError(f"{source}: key {key!r} is not a floating tensor")
+    unexpected = [k for k in layout if k not in expected]
     if unexpected:
         raise CheckpointError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all); "
                               "is this the checkpoint of another model or mode?")
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state_dict` into `module` after `check_strict`. Tensors are cast to the module's dtype (the
+    distilled DiT files are fp32 on disk and run in bf16 on GPU)."""
+    check_strict(module, {k: (tuple(v.shape), v.is_floating_point()) for k, v in state_dict.items()}, source)
     module.load_state_dict(state_dict, strict=True, assign=False)
 
 
