@@ -93,7 +93,10 @@ def run_client(argv: list[str]) -> int:
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--image", type=Path, default=DEMO_IMAGE, help="first frame (PNG/JPEG)")
-    parser.add_argument("--blocks", type=int, default=10, help="blocks to generate (9 frames, then 12 each)")
+    parser.add_argument("--prompt", help="text-to-video configs (selfforcing/...): the video to generate, in words "
+                                         "(instead of --image and actions)")
+    parser.add_argument("--blocks", type=int, help="blocks to generate (9 frames, then 12 each; default 10, or "
+                                                   "fewer where the config's sessions are shorter)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--trajectory", type=Path, help="trajectory JSON file (worldstream.trajectory.v1)")
     source.add_argument("--benchmark-seed", type=int, default=0,

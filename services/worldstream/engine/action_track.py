@@ -15,10 +15,12 @@ from worldstream.api.spaces import ActionSpace, BlockAction
 
 def config_layout(cfg: DictConfig) -> BlockLayout:
     """The block layout of a model config: `pipeline.frames_per_block` latent frames per block, the VAE's
-    temporal stride (x2 per temporal down-sampling stage) and the action module's window of
+    temporal stride (x2 per temporal down-sampling stage) and, with an action module, its window of
     `dit.action.windows_size` latent frames."""
     stride = 2 ** sum(bool(down) for down in cfg.vae.temperal_downsample)
-    action = cfg.dit.action
+    action = cfg.dit.get("action")
+    if action is None:  # text-to-video: no actions to window
+        return BlockLayout(int(cfg.pipeline.frames_per_block), stride)
     if int(action.vae_time_compression_ratio) != stride:
         raise ValueError(f"dit.action.vae_time_compression_ratio is {action.vae_time_compression_ratio}, but the "
                          f"VAE (vae.temperal_downsample) compresses time by {stride}")

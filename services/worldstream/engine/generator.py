@@ -1,7 +1,10 @@
 """Decoder side of a world model: the causal DiT, its per-session caches, the block loop and streaming VAE decode.
 
 `DecoderModels` is built once per process; `GenerationSession` is one user's stream. Batch and streaming
-front-ends both call `GenerationSession.run_block` block after block: one core, two front-ends.
+front-ends both call `GenerationSession.run_block` block after block: one core, two front-ends. The same code
+runs every configuration of the causal DiT: Matrix-Game-2 sessions start from CLIP tokens and take a
+`cond_concat` and an action per block; Self-Forcing (text-to-video) sessions start from a prompt's text context
+and take nothing per block.
 """
 from __future__ import annotations
 
@@ -15,12 +18,12 @@ from torch import nn
 from torch.profiler import record_function
 
 from worldstream.api.spaces import ACTION_SPACES, ActionSpace, BlockAction
-from ..models.kv_cache import RingSlots
+from ..models.kv_cache import session_phases
 from ..models.wan_vae import VAEDecodeStream, WanVAEDecoder, split_vae_state_dict
 from .action_track import ActionTrack, config_layout
 from .block_loop import BlockDenoiser, GaussianNoise, NoiseSource
 from .cuda_graphs import DiTGraphPool
-from .builders import build_dit, building, load_weights, resolve_device, resolve_dtype
+from .builders import build_dit, building, dit_config, load_weights, resolve_device, resolve_dtype
 from .scheduler import FlowMatchSchedule
 
 
@@ -87,6 +90,19 @@ def build_vae_decoder(cfg: DictConfig) -> WanVAEDecoder:
     return decoder
 
 
+def session_block_limit(cfg: DictConfig) -> tuple[int, str]:
+    """Blocks a session of this config may have, and why: `limits.max_blocks`, or fewer where the KV cache never
+    rolls (Self-Forcing's global cache of 21 latent frames: 7 blocks)."""
+    limit = int(cfg.limits.max_blocks)
+    frames_per_block = int(cfg.pipeline.frames_per_block)
+    cached = dit_config(cfg).cache_policy().max_frames
+    if cached is not None and cached // frames_per_block < limit:
+        blocks = cached // frames_per_block
+        return blocks, (f"the global KV cache holds {cached} latent frames, {blocks} blocks of {frames_per_block}; "
+                        "a config with a rolling window (dit.local_attn_size) allows longer sessions")
+    return limit, f"limits.max_blocks is {limit}"
+
+
 class DecoderModels:
     """Everything a decoder process loads once: DiT + VAE decoder + the schedule of the mode."""
 
@@ -94,7 +110,8 @@ class DecoderModels:
         self.cfg = cfg
         self.mode = str(cfg.mode)
         self.device = resolve_device(cfg.device)
-        self.action_space: ActionSpace = ACTION_SPACES[self.mode]
+        # Matrix-Game-2 modes take an action per block; text-to-video takes none.
+        self.action_space: ActionSpace | None = ACTION_SPACES[self.mode] if dit_config(cfg).action else None
         self.layout = config_layout(cfg)
         self.dit = build_dit(cfg)
         self.vae = build_vae_decoder(cfg)
@@ -104,39 +121,55 @@ class DecoderModels:
         self.timesteps = self.schedule.warp(steps) if pipe.warp_denoising_step else [float(s) for s in steps]
         self.frames_per_block = int(pipe.frames_per_block)
         self.latent_shape = (int(cfg.dit.out_dim), int(cfg.video.height) // 8, int(cfg.video.width) // 8)
-        self.max_blocks = int(cfg.limits.max_blocks)
+        self.max_blocks, self.block_limit = session_block_limit(cfg)
         # CUDA graphs of the DiT call (captured by `warm_up`); on a CPU every call runs op by op.
-        self.dit_graphs = (DiTGraphPool(self.dit, self.latent_shape, self.condition_shapes()["visual_context"][1])
+        self.dit_graphs = (DiTGraphPool(self.dit, self.latent_shape, self.context_shape[1])
                            if self.device.type == "cuda" and cfg.cuda_graphs else None)
 
-    def condition_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the conditioning tensors a session consumes (what the encoder side produces)."""
+    @property
+    def text_to_video(self) -> bool:
+        return self.dit.cfg.text_dim is not None
+
+    @property
+    def context_shape(self) -> tuple[int, int, int]:
+        """A session's cross-attention context: CLIP tokens [1, 257, clip_dim] or a prompt's text context
+        [1, text_len, text_dim]."""
+        dit = self.dit.cfg
+        if self.text_to_video:
+            return 1, dit.text_len, dit.text_dim
         clip = self.cfg.clip
-        channels, height, width = self.latent_shape
-        return {"visual_context": (1, 1 + (int(clip.image_size) // int(clip.patch_size)) ** 2, int(self.cfg.dit.clip_dim)),
-                "cond_concat": (1, int(self.cfg.dit.in_dim) - channels, self.frames_per_block, height, width)}
+        return 1, 1 + (int(clip.image_size) // int(clip.patch_size)) ** 2, dit.clip_dim
+
+    def condition_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the conditioning tensors a session consumes (what the encoder side produces): the context
+        (`visual_context` or `prompt_embeds`) and, where the model takes one, the per-block `cond_concat`."""
+        shapes: dict[str, tuple[int, ...]] = {
+            "prompt_embeds" if self.text_to_video else "visual_context": self.context_shape}
+        cond_channels = self.dit.cfg.cond_channels
+        if cond_channels:
+            _, height, width = self.latent_shape
+            shapes["cond_concat"] = (1, cond_channels, self.frames_per_block, height, width)
+        return shapes
 
     def warm_up(self, blocks: int | None = None, sessions: int = 1) -> float:
         """Run throwaway sessions on neutral conditioning so that lazy start-up work (CUDA context, kernel
         selection, torch.compile, CUDA graph capture) happens here and not in a user's first blocks. Returns
         the seconds it took.
 
-        By default it runs until the DiT's ring phases repeat (3 blocks at 3 frames per block, window 6): every
-        shape the compiled block loop takes, including the VAE decoder's first-latent cache shapes. With CUDA
-        graphs, each of the `sessions` concurrent sessions gets a cache set with a graph per phase; later
-        sessions beyond that many run the DiT without graphs."""
+        By default it runs through every cache phase of a session (3 blocks at 3 frames per block in a rolling
+        window of 6, all 7 of a global cache of 21 frames): every shape the compiled block loop takes, including
+        the VAE decoder's first-latent cache shapes. With CUDA graphs, each of the `sessions` concurrent sessions
+        gets a cache set with a graph per phase; later sessions beyond that many run the DiT without graphs."""
         start = time.perf_counter()
         if blocks is None:
-            phases: list[RingSlots] = []
-            while (slots := RingSlots.of(len(phases) * self.frames_per_block, self.frames_per_block,
-                                         int(self.cfg.dit.local_attn_size))) not in phases:
-                phases.append(slots)
-            blocks = len(phases)
+            blocks = len(session_phases(self.dit.cache_policy, self.frames_per_block))
+        blocks = min(blocks, self.max_blocks)
         if blocks > 0:
             dtype = resolve_dtype(self.cfg.dtype)
-            shapes = self.condition_shapes()
-            context = torch.zeros(shapes["visual_context"], device=self.device, dtype=dtype)
-            cond = torch.zeros(shapes["cond_concat"], device=self.device, dtype=dtype)
+            context = torch.zeros(self.context_shape, device=self.device, dtype=dtype)
+            cond_shape = self.condition_shapes().get("cond_concat")
+            cond = torch.zeros(cond_shape, device=self.device, dtype=dtype) if cond_shape else None
+            action = self.action_space.idle_action() if self.action_space else None
             if self.dit_graphs is None:
                 capturing, sessions = contextlib.nullcontext(), 1  # one session warms up everything else
             else:
@@ -147,30 +180,40 @@ class DecoderModels:
                     opened.callback(session.close)
                 for _ in range(blocks):
                     for session in throwaway:
-                        session.run_block(cond, self.action_space.idle_action())
+                        session.run_block(cond, action)
         return time.perf_counter() - start
 
     @classmethod
     def build(cls, cfg: DictConfig) -> "DecoderModels":
         return cls(cfg)
 
-    def open_session(self, visual_context: torch.Tensor, seed: int, max_blocks: int,
+    def open_session(self, context: torch.Tensor, seed: int, max_blocks: int,
                      noise: NoiseSource | None = None) -> "GenerationSession":
+        """A session on `context` (see `context_shape`: CLIP tokens, or a prompt's text context, whose rows
+        past text_len are refused and missing rows zero-padded)."""
         if not 1 <= max_blocks <= self.max_blocks:
-            raise ValueError(f"max_blocks must be in [1, {self.max_blocks}] for this config, got {max_blocks}")
-        return GenerationSession(self, visual_context, seed, max_blocks, noise)
+            raise ValueError(f"max_blocks must be in [1, {self.max_blocks}] for this config ({self.block_limit}), "
+                             f"got {max_blocks}")
+        expected = self.context_shape
+        if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != expected[2] or (
+                context.shape[1] != expected[1] and not self.text_to_video):
+            raise ValueError(f"the session context has shape {list(context.shape)}; this model takes "
+                             f"{list(expected)}" + (" (fewer rows are zero-padded)" if self.text_to_video else ""))
+        return GenerationSession(self, context, seed, max_blocks, noise)
 
 
 class GenerationSession:
-    def __init__(self, models: DecoderModels, visual_context: torch.Tensor, seed: int, max_blocks: int,
+    def __init__(self, models: DecoderModels, context: torch.Tensor, seed: int, max_blocks: int,
                  noise: NoiseSource | None = None):
         self.models = models
         self.max_blocks = max_blocks
         self.block_index = 0
         device = models.device
         # Host memory: actions arrive there; each block's window goes to the device by `_to_device`.
-        self.track = ActionTrack.for_space(models.action_space, models.layout, max_blocks)
-        self.denoiser = BlockDenoiser(models.dit, visual_context, models.latent_shape, models.timesteps,
+        self.track = (ActionTrack.for_space(models.action_space, models.layout, max_blocks)
+                      if models.action_space is not None else None)
+        self.takes_cond = models.dit.cfg.cond_channels > 0
+        self.denoiser = BlockDenoiser(models.dit, context, models.latent_shape, models.timesteps,
                                       models.schedule, float(models.cfg.pipeline.context_noise),
                                       noise or GaussianNoise(seed, device), models.frames_per_block,
                                       models.dit_graphs.take() if models.dit_graphs else None)
@@ -181,23 +224,31 @@ class GenerationSession:
     def finished(self) -> bool:
         return self.block_index >= self.max_blocks
 
-    def generate(self, cond_concat: torch.Tensor, action: BlockAction,
+    def generate(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None,
                  clock: StageClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device work of one block, free of host syncs: (latents [1,16,n,h,w], video [1,3,T,H,W] in [-1, 1])."""
+        """Device work of one block, free of host syncs: (latents [1,16,n,h,w], video [1,3,T,H,W] in [-1, 1]).
+
+        `cond_concat` and `action`: the block's conditioning where the model takes them (Matrix-Game-2), None
+        where it does not (text-to-video)."""
         if self.closed:
             raise RuntimeError("session is closed")
         if self.finished:
             raise IndexError(f"session already produced its {self.max_blocks} blocks")
+        if (cond_concat is not None) != self.takes_cond or (action is not None) != (self.track is not None):
+            raise ValueError("this model takes a cond_concat and an action per block" if self.takes_cond else
+                             "this model (text-to-video) takes no per-block cond_concat or action")
         b = self.block_index
         with record_function(f"block_{b}"):
             with record_function("data_preparation"):
-                self.track.write_block(b, action)
-                keyboard, mouse = (self._to_device(rows) for rows in self.track.window_rows(b))
+                keyboard = mouse = None
+                if self.track is not None:
+                    self.track.write_block(b, action)
+                    keyboard, mouse = (self._to_device(rows) for rows in self.track.window_rows(b))
+                    keyboard, mouse = keyboard[None], None if mouse is None else mouse[None]
                 cond_concat = self._to_device(cond_concat)
             if clock is not None:
                 clock.mark("start")
-            latents = self.denoiser.denoise(b, cond_concat, keyboard[None], None if mouse is None else mouse[None],
-                                            clock=clock)
+            latents = self.denoiser.denoise(b, cond_concat, keyboard, mouse, clock=clock)
             with record_function("vae_decode"):
                 video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
             if clock is not None:
@@ -214,7 +265,7 @@ class GenerationSession:
             return tensor.pin_memory().to(self.models.device, non_blocking=True)
         return tensor.to(self.models.device)
 
-    def run_block(self, cond_concat: torch.Tensor, action: BlockAction) -> BlockOutput:
+    def run_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None) -> BlockOutput:
         clock = StageClock(self.models.device)
         index = self.block_index
         latents, video = self.generate(cond_concat, action, clock)
