@@ -1,5 +1,5 @@
-"""Transport security of the services: TLS and mutual TLS for servers and channels, and the shared token that
-callers of the internal encoder API present (`authorization: Bearer TOKEN`).
+"""Transport security of the services: TLS and mutual TLS for servers (for channels: worldstream.client.tls), and
+the shared token that callers of the internal encoder API present (`authorization: Bearer TOKEN`).
 
 Certificates, keys and tokens come from files (Kubernetes Secrets and compose secrets are mounted as files),
 never from the command line, where `ps` would show them.
@@ -15,21 +15,12 @@ from pathlib import Path
 
 import grpc
 
+# The channel side (ChannelTLS, its flags, open_channel) is the client distribution's, shared with the services.
+from worldstream.client.tls import (ChannelTLS, SecurityConfigError, add_tls_channel_arguments,  # noqa: F401
+                                    channel_tls_from_args, open_channel, read_file)
+
 MIN_TOKEN_CHARS = 16
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
-
-
-class SecurityConfigError(ValueError):
-    """Security flags that do not fit together (reported before anything starts)."""
-
-
-def _read(path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise SecurityConfigError(f"cannot read {path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -49,36 +40,15 @@ class ServerTLS:
         return cls(args.tls_cert, args.tls_key, args.tls_client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(_read(self.key), _read(self.cert))], root_certificates=_read(self.client_ca),
+        return grpc.ssl_server_credentials([(read_file(self.key), read_file(self.cert))],
+                                           root_certificates=read_file(self.client_ca),
                                            require_client_auth=self.client_ca is not None)
-
-
-@dataclass(frozen=True)
-class ChannelTLS:
-    """How a caller reaches a TLS server: the CA its certificate chains to (None: the system's roots), the
-    caller's own certificate and key for mutual TLS, and the name to expect in the server's certificate
-    when it differs from the target's host name."""
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    server_name: str | None = None
-
-    def __post_init__(self):
-        if (self.cert is None) != (self.key is None):
-            raise SecurityConfigError("a client certificate needs both its certificate and its key file")
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=_read(self.ca), private_key=_read(self.key),
-                                            certificate_chain=_read(self.cert))
-
-    def channel_options(self) -> list[tuple[str, str]]:
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
 def read_token(path: Path) -> str:
     """The shared token in `path` (surrounding whitespace ignored): at least MIN_TOKEN_CHARS printable ASCII
     characters, e.g. `openssl rand -hex 32`."""
-    token = _read(path).decode(errors="replace").strip()
+    token = read_file(path).decode(errors="replace").strip()
     if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
         raise SecurityConfigError(f"the token in {path} must be at least {MIN_TOKEN_CHARS} printable ASCII "
                                   "characters without spaces (e.g. `openssl rand -hex 32 > FILE`)")
@@ -148,18 +118,6 @@ def add_tls_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mutual TLS: require a client certificate that chains to this PEM CA bundle")
 
 
-def add_tls_channel_arguments(parser: argparse.ArgumentParser, prefix: str = "", what: str = "the server") -> None:
-    """--{prefix}tls-ca, --{prefix}tls-cert, --{prefix}tls-key, --{prefix}tls-server-name."""
-    parser.add_argument(f"--{prefix}tls-ca", type=Path,
-                        help=f"reach {what} over TLS, trusting this PEM CA bundle")
-    parser.add_argument(f"--{prefix}tls-cert", type=Path,
-                        help=f"client certificate (PEM) presented to {what} for mutual TLS (with the key); "
-                             "implies TLS")
-    parser.add_argument(f"--{prefix}tls-key", type=Path, help="PEM private key of the client certificate")
-    parser.add_argument(f"--{prefix}tls-server-name",
-                        help=f"name expected in {what}'s certificate, when it differs from the address's host")
-
-
 def add_client_security_arguments(parser: argparse.ArgumentParser, prefix: str, what: str) -> None:
     """A service's flags for reaching a secured server: TLS (`add_tls_channel_arguments`) and
     --{prefix}token-file."""
@@ -172,20 +130,3 @@ def client_security_from_args(args: argparse.Namespace, prefix: str) -> dict:
     """`tls` and `token` (keyword arguments of a client) from the flags of `add_client_security_arguments`."""
     token_file = getattr(args, f"{prefix.replace('-', '_')}token_file")
     return {"tls": channel_tls_from_args(args, prefix), "token": read_token(token_file) if token_file else None}
-
-
-def channel_tls_from_args(args: argparse.Namespace, prefix: str = "") -> ChannelTLS | None:
-    """The ChannelTLS of flags added by `add_tls_channel_arguments`, or None for a plaintext channel."""
-    attr = prefix.replace("-", "_")
-    ca, cert, key, name = (getattr(args, f"{attr}tls_{field}") for field in ("ca", "cert", "key", "server_name"))
-    if not (ca or cert or key or name):
-        return None
-    return ChannelTLS(ca, cert, key, name)
-
-
-def open_channel(address: str, tls: ChannelTLS | None, options: list[tuple[str, object]] = (), *, aio: bool = True):
-    """A gRPC channel to `address` (grpc.aio when `aio`, else blocking): over TLS when `tls` is given."""
-    grpc_module = grpc.aio if aio else grpc
-    if tls is None:
-        return grpc_module.insecure_channel(address, options=list(options))
-    return grpc_module.secure_channel(address, tls.credentials(), options=[*options, *tls.channel_options()])
