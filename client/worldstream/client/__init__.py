@@ -3,5 +3,7 @@ arrays) and CLI (`worldstream-client play`, `python -m worldstream.client play`)
 to write a video."""
 from .frames import decode_frames
 from .session import ReceivedBlock, SessionResult, SessionStream, run_session, start_request
+from .tls import ChannelTLS
 
-__all__ = ["ReceivedBlock", "SessionResult", "SessionStream", "decode_frames", "run_session", "start_request"]
+__all__ = ["ChannelTLS", "ReceivedBlock", "SessionResult", "SessionStream", "decode_frames", "run_session",
+           "start_request"]

@@ -4,6 +4,7 @@
         --out out/session.mp4 [--overlay] [--raw] [--pacing lockstep|realtime]
     worldstream-client play ... --trajectory universal_demo     # a bundled trajectory, or a .json path
     worldstream-client play ... --interactive                   # W/A/S/D move, I/J/K/L look, Esc quits
+    worldstream-client play ... --tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]  # TLS; --tls: system roots
     worldstream-client interpolate --address 127.0.0.1:50051 --video in.mp4 --factor 2 --out out.mp4 \
         [--batch K] [--payload tokens|frames]                   # against an EDEN deployment
 
@@ -23,6 +24,7 @@ from worldstream.api.trajectory import parse_trajectory, planned_actions, read_t
 from .interactive import KeyboardActions, TerminalKeys
 from .interpolate import add_arguments as add_interpolate_arguments
 from .session import ReceivedBlock, SessionResult, SessionStream, start_request
+from .tls import add_tls_channel_arguments, channel_tls_from_args
 from .video import VideoWriter, import_av
 
 BUNDLED_TRAJECTORIES = Path(__file__).resolve().parent / "trajectories"
@@ -51,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     play.add_argument("--seed", type=int, default=0, help="noise seed of the session")
     play.add_argument("--benchmark-seed", type=int, default=0, help="seed of the benchmark trajectory")
     play.add_argument("--window", type=int, default=2, help="LOCKSTEP actions kept in flight")
+    add_tls_channel_arguments(play, what="the decoder service")
     add_interpolate_arguments(commands)
     args = parser.parse_args(argv)
     if args.command == "play":
@@ -149,7 +152,7 @@ def run_play(args: argparse.Namespace) -> int:
         start = start_request(args.image, seed=args.seed, max_blocks=args.blocks,
                               frame_encoding="raw" if args.raw else "jpeg", jpeg_quality=args.jpeg_quality,
                               pacing=args.pacing)
-        with SessionStream(args.address, start) as stream, \
+        with SessionStream(args.address, start, tls=channel_tls_from_args(args)) as stream, \
                 VideoWriter(args.out, fps=stream.info.fps, overlay=args.overlay, action_space=stream.space) as writer:
             if terminal is not None:
                 with terminal:

@@ -27,6 +27,7 @@ from worldstream.api.messages import action_message, action_space_from_message, 
 from worldstream.api.spaces import BlockAction
 from worldstream.v1 import session_pb2, session_pb2_grpc
 from .frames import decode_frames
+from .tls import ChannelTLS, open_channel, wait_connected
 
 FRAME_ENCODINGS = {"jpeg": session_pb2.FRAME_ENCODING_JPEG, "raw": session_pb2.FRAME_ENCODING_RAW_RGB}
 PACINGS = {"lockstep": session_pb2.PACING_LOCKSTEP, "realtime": session_pb2.PACING_REALTIME}
@@ -108,9 +109,9 @@ class SessionStream:
     RPC failures surface as grpc.RpcError (with the server's status code and message) while iterating."""
 
     def __init__(self, address: str, start: session_pb2.StartSession, timeout: float | None = None,
-                 connect_timeout: float = 10.0):
-        self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length",
-                                                                  MAX_RECEIVE_BYTES)])
+                 connect_timeout: float = 10.0, tls: ChannelTLS | None = None):
+        self._channel = open_channel(address, tls, [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)],
+                                     aio=False)
         self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._finished = False
@@ -118,12 +119,12 @@ class SessionStream:
         self.sent_at: list[float] = []  # perf_counter() of each action sent
         self.started_at = time.perf_counter()
         self._requests.put(session_pb2.SessionRequest(start=start))
+        server = f"the WorldSessionService server at {address}{' over TLS' if tls else ''}"
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
-        except grpc.FutureTimeoutError:
+            wait_connected(self._channel, server, connect_timeout)
+        except ConnectionError:
             self._channel.close()
-            raise ConnectionError(f"no WorldSessionService server reachable at {address} within {connect_timeout:g} s"
-                                  ) from None
+            raise
         self._call = session_pb2_grpc.WorldSessionServiceStub(self._channel).Session(self._request_stream(), timeout=timeout)
         try:
             first = next(self._call)
@@ -251,10 +252,12 @@ def run_session(address: str, image: str | os.PathLike | bytes | Image.Image,
                 actions: Sequence[BlockAction | session_pb2.Action], *, mode: str = "", seed: int = 0,
                 max_blocks: int | None = None, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
                 pacing: str = "lockstep", window: int = 2, timeout: float | None = None,
-                on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None) -> SessionResult:
+                on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None,
+                tls: ChannelTLS | None = None) -> SessionResult:
     """Run a whole session: one block per action (`max_blocks` defaults to len(actions)); see
-    `SessionStream.play`. Raises grpc.RpcError with the server's status on failure."""
+    `SessionStream.play`. `tls`: reach the server over TLS. Raises grpc.RpcError with the server's status on
+    failure, ConnectionError when no server answers."""
     start = start_request(image, mode, seed=seed, max_blocks=len(actions) if max_blocks is None else max_blocks,
                           frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing)
-    with SessionStream(address, start, timeout=timeout) as stream:
+    with SessionStream(address, start, timeout=timeout, tls=tls) as stream:
         return stream.play(actions, window=window, on_block=on_block)
