@@ -1,6 +1,7 @@
 """`worldstream-gateway` (or `python -m worldstream.gateway`): serves the play page for a decoder service.
 
     worldstream-gateway --decoder 127.0.0.1:50051 --host 127.0.0.1 --port 8080
+    worldstream-gateway --decoder decoder.example:50051 --tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+from worldstream.client.tls import add_tls_channel_arguments, channel_tls_from_args
 from .app import TRANSPORTS, Gateway, Limits, serve
 
 
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recordings-dir", type=Path, default=None,
                         help="where session recordings are kept while their tab is open (default: a temporary "
                              "folder)")
+    add_tls_channel_arguments(parser, what="the decoder service")
     return parser.parse_args(argv)
 
 
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limits = Limits(max_sessions=args.max_sessions, max_image_bytes=args.max_image_bytes,
                         input_rate=args.input_rate, input_burst=max(1, round(args.input_rate / 2)))
-        gateway = Gateway(args.decoder, limits, args.transport, args.jpeg_quality, args.recordings_dir)
+        gateway = Gateway(args.decoder, limits, args.transport, args.jpeg_quality, args.recordings_dir,
+                          channel_tls_from_args(args))
     except ValueError as e:
         print(f"worldstream-gateway: {e}", file=sys.stderr)
         return 2

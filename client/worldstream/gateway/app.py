@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worldstream.client.session import MAX_RECEIVE_BYTES
+from worldstream.client.tls import ChannelTLS, open_channel
 from worldstream.v1 import session_pb2_grpc
 from .metrics import GatewayMetrics
 from .recording import Recording
@@ -51,11 +52,15 @@ def webrtc_available() -> bool:
 
 
 class Gateway:
-    """State shared by the tabs: the decoder channel, limits, metrics and finished recordings."""
+    """State shared by the tabs: the decoder channel (over TLS when `tls` is given), limits, metrics and finished
+    recordings."""
 
     def __init__(self, decoder: str, limits: Limits = Limits(), default_transport: str = "jpeg",
-                 jpeg_quality: int = 85, recordings_dir: Path | None = None):
+                 jpeg_quality: int = 85, recordings_dir: Path | None = None, tls: ChannelTLS | None = None):
         self.decoder = decoder
+        self.tls = tls
+        if tls is not None:
+            tls.credentials()  # files that cannot be read stop the gateway now, not once it serves
         self.limits = limits
         self.transports = [t for t in TRANSPORTS if t != "webrtc" or webrtc_available()]
         if default_transport not in self.transports:
@@ -84,8 +89,7 @@ class Gateway:
         self.metrics.sessions_active.set(self.sessions_active)
 
     async def open(self, app: web.Application) -> None:
-        self.channel = grpc.aio.insecure_channel(self.decoder, options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+        self.channel = open_channel(self.decoder, self.tls, [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
         self.stub = session_pb2_grpc.WorldSessionServiceStub(self.channel)
 
     async def close(self, app: web.Application) -> None:
