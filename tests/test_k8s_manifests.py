@@ -245,6 +245,21 @@ def test_the_encoder_api_is_reachable_from_decoder_pods_only():
                            "ports": [{"port": "grpc"}]}]
 
 
+def secret_file(deployment: dict, path) -> tuple[str, str]:
+    """(Secret, key) of a file that the container reads from a read-only Secret volume."""
+    pod = deployment["spec"]["template"]["spec"]
+    [mount] = [m for m in container(deployment)["volumeMounts"] if path.parent.as_posix() == m["mountPath"]]
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] and "items" not in volume["secret"]
+    return volume["secret"]["secretName"], path.name
+
+
+def test_decoders_present_the_token_the_encoders_check():
+    encoder, decoder = service_args(the("Deployment", "encoder")), service_args(the("Deployment", "decoder"))
+    assert (secret_file(the("Deployment", "encoder"), encoder.token_file)
+            == secret_file(the("Deployment", "decoder"), decoder.encoder_token_file))
+
+
 def test_draining_outlasts_preStop_grace_and_a_block():
     for deployment in deployments():
         spec = deployment["spec"]["template"]["spec"]
