@@ -119,10 +119,10 @@ class PairFeed:
         await self._until(lambda: index <= self._granted * self.batch_size or self._failure is not None)
         if self._failure is not None:
             raise self._failure
-        await self._write(pair_encoder_pb2.EncodePairsRequest(frame=interpolation_pb2.ClipFrame(data=data)))
         async with self._changed:
-            self._frames_sent += 1
+            self._frames_sent += 1  # first: the batch it completes may arrive before the write returns
             self._changed.notify_all()
+        await self._write(pair_encoder_pb2.EncodePairsRequest(frame=interpolation_pb2.ClipFrame(data=data)))
 
     async def finish(self) -> None:
         """The clip ends with the frames sent so far: half-close."""
