@@ -89,7 +89,10 @@ class Gateway:
         self.metrics.sessions_active.set(self.sessions_active)
 
     async def open(self, app: web.Application) -> None:
-        self.channel = open_channel(self.decoder, self.tls, [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+        # Every tab's session shares this channel: round_robin spreads them over all the addresses the decoder
+        # name resolves to (e.g. dns:/// over a headless Service); the default policy would pin them to one.
+        self.channel = open_channel(self.decoder, self.tls, [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                                                             ("grpc.lb_policy_name", "round_robin")])
         self.stub = session_pb2_grpc.WorldSessionServiceStub(self.channel)
 
     async def close(self, app: web.Application) -> None:
