@@ -128,26 +128,29 @@ def test_health_and_reflection(services):
 
 
 def test_decoder_readiness_follows_its_encoder(tmp_path):
-    """The decoder reports SERVING only while its encoder does: NOT_SERVING soon after the encoder dies, SERVING
-    again once it is back; `worldstream health` exits 1, then 0."""
+    """The decoder's session service (readiness) is SERVING only while its encoder is: NOT_SERVING soon after the
+    encoder dies, SERVING again once it is back, and `worldstream health --service` exits 1, then 0. The overall
+    status (liveness) stays SERVING throughout: an encoder outage must not get decoders restarted."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    ready = "worldstream.v1.WorldSessionService"
 
-    def health_command(address: str) -> int:
-        return subprocess.run([sys.executable, "-m", "worldstream.cli", "health", address], capture_output=True,
-                              timeout=30).returncode
+    def health_command(address: str, *service: str) -> int:
+        return subprocess.run([sys.executable, "-m", "worldstream.cli", "health", address, *service],
+                              capture_output=True, timeout=30).returncode
 
     with running_services(tmp_path, decoder_args=SMALL_FRAMES, encoder_args=SMALL_FRAMES) as services:
-        assert health_status(services.address) == serving and health_command(services.address) == 0
+        assert health_status(services.address, ready) == serving
+        assert health_command(services.address, "--service", ready) == 0
         services.encoder.signal(signal.SIGKILL)
         services.encoder.wait(10)
-        wait_for(lambda: health_status(services.address) == not_serving, 15, "the decoder to report NOT_SERVING",
-                 interval=0.2)
-        assert health_status(services.address, "worldstream.v1.WorldSessionService") == not_serving
-        assert health_command(services.address) == 1
+        wait_for(lambda: health_status(services.address, ready) == not_serving, 15,
+                 "the decoder to report NOT_SERVING", interval=0.2)
+        assert health_command(services.address, "--service", ready) == 1
+        assert health_status(services.address) == serving and health_command(services.address) == 0  # alive
         services.start_encoder()  # same port and arguments
-        wait_for(lambda: health_status(services.address) == serving, 15, "the decoder to report SERVING again",
-                 interval=0.2)
-        assert health_command(services.address) == 0
+        wait_for(lambda: health_status(services.address, ready) == serving, 15,
+                 "the decoder to report SERVING again", interval=0.2)
+        assert health_command(services.address, "--service", ready) == 0
     assert "not serving: encoder at" in services.decoder.log()
 
 

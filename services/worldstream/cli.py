@@ -79,8 +79,8 @@ def run_play(args: argparse.Namespace) -> int:
 def run_health(args: argparse.Namespace) -> int:
     from .serving.health import serving_status
 
-    status = serving_status(args.address, args.timeout, channel_tls_from_args(args))
-    print(f"{args.address}: {status}")
+    status = serving_status(args.address, args.timeout, channel_tls_from_args(args), args.service)
+    print(f"{args.address}{' ' + args.service if args.service else ''}: {status}")
     return 0 if status == "SERVING" else 1
 
 
@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 iff the server's grpc.health.v1 check says SERVING")
     health.add_argument("address", metavar="HOST:PORT")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--service", default="", metavar="NAME",
+                        help="a service's own status (readiness; the decoder's includes reaching its encoder), "
+                             "e.g. worldstream.v1.WorldSessionService; default: the overall status (liveness)")
     add_tls_channel_arguments(health)
     health.set_defaults(run=run_health)
 

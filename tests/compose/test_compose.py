@@ -24,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worldstream.serving.health import serving_status
 
+SESSION_SERVICE = "worldstream.v1.WorldSessionService"  # the decoder's readiness
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "deploy" / "docker-compose.cpu.yml"
 PROJECT = "worldstream-compose-test"
@@ -165,11 +167,11 @@ def test_a_crashed_encoder_is_restarted_and_the_next_session_works(stack, tmp_pa
     # A crash, as the OOM killer would do it. (`docker kill` is an operator's stop, which restart policies obey.)
     os.kill(before["State"]["Pid"], signal.SIGKILL)
     decoder = published("decoder", 50051)
-    wait_for(lambda: serving_status(decoder) == "NOT_SERVING", 60, "the decoder to report NOT_SERVING")
+    wait_for(lambda: serving_status(decoder, service=SESSION_SERVICE) == "NOT_SERVING", 60, "the decoder to report NOT_SERVING")
     wait_for(lambda: container("encoder")["RestartCount"] == before["RestartCount"] + 1, 60,
              "the restart policy to restart the encoder")
     wait_for(lambda: health("encoder") == "healthy", 300, "the restarted encoder to be healthy")
-    wait_for(lambda: serving_status(decoder) == "SERVING", 60, "the decoder to report SERVING again")
+    wait_for(lambda: serving_status(decoder, service=SESSION_SERVICE) == "SERVING", 60, "the decoder to report SERVING again")
     out = tmp_path / "after-restart.mp4"
     play(2, out)
     assert frame_count(out) == frames_of(2)

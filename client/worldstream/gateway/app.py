@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worldstream.client.session import MAX_RECEIVE_BYTES
 from worldstream.client.tls import ChannelTLS, open_channel
-from worldstream.v1 import session_pb2_grpc
+from worldstream.v1 import session_pb2, session_pb2_grpc
 from .metrics import GatewayMetrics
 from .recording import Recording
 from .tab import Tab
@@ -103,9 +103,12 @@ class Gateway:
             self._recordings_tmp.cleanup()
 
     async def decoder_status(self) -> str:
-        """The decoder's grpc.health.v1 status (SERVING once its models are loaded), or UNREACHABLE."""
+        """The readiness of the decoder's session service (SERVING while its models are loaded and its encoder
+        answers), or UNREACHABLE."""
         try:
-            reply = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(),
+            request = health_pb2.HealthCheckRequest(service=session_pb2.DESCRIPTOR.services_by_name[
+                "WorldSessionService"].full_name)
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(request,
                                                                           timeout=2.0)
         except grpc.aio.AioRpcError:
             return "UNREACHABLE"

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from .health import add_health_and_reflection, follow_dependency, set_serving
+from .health import SERVING, add_health_and_reflection, follow_dependency, set_serving
 from .logs import configure_logging, log_event
 from .metrics import ServiceMetrics
 from .security import ServerTLS, add_tls_server_arguments
@@ -134,7 +134,8 @@ async def _serve(process: str, args: argparse.Namespace, build: Callable[[Servic
         await set_serving(health, names, True)
         log_event(log, "serving", port=port)
         readiness = None
-    else:
+    else:  # alive now; ready once the dependency answers
+        await health.set("", SERVING)
         readiness = asyncio.create_task(follow_dependency(health, names, service.dependency_ready,
                                                           service.dependency_check_interval, service.dependency, log))
 

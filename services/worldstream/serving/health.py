@@ -1,5 +1,9 @@
 """grpc.health.v1: the servers' side (status per service name, server reflection, readiness that follows a
-dependency) and the check a client makes (`worldstream health`, the launcher's wait for start-up)."""
+dependency) and the check a client makes (`worldstream health`, the launcher's wait for start-up).
+
+The overall status ("") is liveness: SERVING once the models are loaded, until shutdown. A service's own name
+is readiness: SERVING only while it can also serve calls, which for the decoder means reaching its encoder. So an
+encoder outage takes decoders out of load balancing without getting them restarted."""
 from __future__ import annotations
 
 import asyncio
@@ -52,17 +56,18 @@ def descriptor_pool_of(service_names: Sequence[str]) -> descriptor_pool.Descript
     return pool
 
 
-async def set_serving(health: health_aio.HealthServicer, service_names: Sequence[str], serving: bool) -> None:
-    """Set the overall status ("") and that of every service name."""
-    for name in ("", *service_names):
+async def set_serving(health: health_aio.HealthServicer, service_names: Sequence[str], serving: bool,
+                      overall: bool = True) -> None:
+    """Set the status of every service name, and with `overall` the overall status ("") too."""
+    for name in ("", *service_names) if overall else service_names:
         await health.set(name, SERVING if serving else NOT_SERVING)
 
 
 async def follow_dependency(health: health_aio.HealthServicer, service_names: Sequence[str],
                             ready: Callable[[], Awaitable[bool]], interval: float, dependency: str,
                             logger: logging.Logger) -> None:
-    """Report SERVING only while `ready()` says the dependency is: checked now and every `interval` seconds
-    until cancelled. Changes are logged."""
+    """Report the service names SERVING only while `ready()` says the dependency is: checked now and every
+    `interval` seconds until cancelled. Changes are logged; the overall status is left alone."""
     serving: bool | None = None
     while True:
         try:
@@ -71,19 +76,20 @@ async def follow_dependency(health: health_aio.HealthServicer, service_names: Se
             logger.exception("readiness check crashed", extra={"fields": {"dependency": dependency}})
             now = False
         if now != serving:
-            await set_serving(health, service_names, now)
+            await set_serving(health, service_names, now, overall=False)
             log_event(logger, "serving" if now else f"not serving: {dependency} is not ready",
                       logging.INFO if now else logging.WARNING, dependency=dependency)
             serving = now
         await asyncio.sleep(interval)
 
 
-def serving_status(address: str, timeout: float = 3.0, tls: ChannelTLS | None = None) -> str:
-    """The overall health status name of the server at `address` (SERVING, NOT_SERVING, ...) or the gRPC error
-    code name when it does not answer. `tls`: how to reach a TLS server."""
+def serving_status(address: str, timeout: float = 3.0, tls: ChannelTLS | None = None, service: str = "") -> str:
+    """The health status name (SERVING, NOT_SERVING, ...) of `service` at `address` ("" = the overall status,
+    i.e. liveness) or the gRPC error code name when it does not answer. `tls`: how to reach a TLS server."""
     with open_channel(address, tls, aio=False) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
         except grpc.RpcError as err:
             return err.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
