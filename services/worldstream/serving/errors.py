@@ -3,11 +3,33 @@ from __future__ import annotations
 
 import grpc
 
+# Status messages are cut to this many UTF-8 bytes: they travel in a trailer (percent-encoded, and a client refuses
+# trailers over 8 KiB by default, which turns the status into RESOURCE_EXHAUSTED) and are logged.
+MAX_STATUS_BYTES = 1024
+# A caller's input repeated in a message is cut to this many characters.
+MAX_ECHO_CHARS = 64
+
+
+def echo(value: str | bytes) -> str:
+    """The caller's `value` for an error message: its repr, cut to MAX_ECHO_CHARS characters."""
+    if len(value) <= MAX_ECHO_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} in all)"
+
+
+def _capped(message: str) -> str:
+    encoded = message.encode()
+    if len(encoded) <= MAX_STATUS_BYTES:
+        return message
+    return encoded[:MAX_STATUS_BYTES - 20].decode(errors="ignore") + " [message cut]"
+
 
 class ServiceError(Exception):
-    """An error to report to the caller as a gRPC status with an actionable message."""
+    """An error to report to the caller as a gRPC status with an actionable message (capped in length: it may
+    repeat the caller's input)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        message = _capped(message)
         super().__init__(message)
         self.code = code
         self.message = message

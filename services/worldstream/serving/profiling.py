@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from pathlib import Path
 
 import torch
 
 from .logs import log_event
+
+MAX_NAME_CHARS = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 class StreamProfiler:
@@ -39,8 +43,15 @@ class StreamProfiler:
         try:
             profiler.__exit__(None, None, None)
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"{stream_id}.json"
+            path = self.directory / trace_file_name(stream_id)
             profiler.export_chrome_trace(str(path))
-            log_event(self.logger, "profile written", stream_id=stream_id, path=str(path))
+            log_event(self.logger, "profile written", stream_id=stream_id[:MAX_NAME_CHARS], path=str(path))
         finally:
             self._lock.release()
+
+
+def trace_file_name(stream_id: str) -> str:
+    """A file name for the trace of `stream_id`, which may come from a caller: only letters, digits, `-` and `_`
+    (anything else, path separators and dots included, becomes `_`), at most MAX_NAME_CHARS of them, so that
+    the trace lands in the profile directory whatever the id."""
+    return _UNSAFE.sub("_", stream_id[:MAX_NAME_CHARS]) + ".json"
