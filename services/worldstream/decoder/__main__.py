@@ -49,9 +49,8 @@ def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
 
         return build_service(args, cfg, metrics)
     # Imported here, not above: building the command line must not load torch (`worldstream health` is quick).
-    from worldstream.v1 import session_pb2_grpc
     from ..encoder.client import EncoderClient
-    from .server import SERVICE_NAME, WorldSessionService
+    from .server import SERVICE_NAME, WorldSessionService, add_to_server
     from .sessions import SessionManager
 
     encoder = EncoderClient(args.encoder_address, metrics, connect_timeout=args.encoder_connect_timeout,
@@ -61,7 +60,7 @@ def build(args: argparse.Namespace, cfg, metrics: ServiceMetrics) -> Service:
                              frame_workers=args.frame_workers, profile_dir=args.profile_dir)
     service = WorldSessionService(cfg, manager, metrics, args.warmup_blocks)
     return Service(name=SERVICE_NAME,
-                   register=lambda server: session_pb2_grpc.add_WorldSessionServiceServicer_to_server(service, server),
+                   register=lambda server: add_to_server(service, server),
                    load=service.load, terminate=manager.terminate, close=encoder.close,
                    dependency_ready=lambda: encoder.serving(timeout=args.encoder_check_interval),
                    dependency=f"encoder at {args.encoder_address}",

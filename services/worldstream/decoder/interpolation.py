@@ -28,7 +28,7 @@ from ..engine.interpolation import (FACTORS, PAYLOADS, ClipInterpolation, check_
                                     payload_tokens)
 from ..media import encode_jpeg
 from ..models.eden import PairGeometry
-from ..serving.aio import WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.aio import Requests, WorkerLane, first_request, run_call, run_together, within, write_with_timeout
 from ..serving.bootstrap import Service
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
@@ -120,7 +120,7 @@ class InterpolationService(interpolation_pb2_grpc.FrameInterpolationServiceServi
         self.terminating = True
 
     async def Interpolate(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await run_call(self._interpolate(request_iterator, context), context, self.metrics, log, "Interpolate")
+        await run_call(self._interpolate(Requests(context), context), context, self.metrics, log, "Interpolate")
 
     async def _interpolate(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         if self.interpolator is None or self.terminating:

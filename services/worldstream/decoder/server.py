@@ -37,4 +37,14 @@ class WorldSessionService(session_pb2_grpc.WorldSessionServiceServicer):
                   warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))
 
     async def Session(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await run_call(self.manager.stream(request_iterator, context), context, self.metrics, log, "Session")
+        # The requests are read from the context (serving.aio.Requests), not from `request_iterator`.
+        await run_call(self.manager.stream(context), context, self.metrics, log, "Session")
+
+
+def add_to_server(service: WorldSessionService, server: grpc.aio.Server) -> None:
+    """Register the service with its requests left serialized: the session checks each one's size against the
+    limit of its kind before parsing it (decoder.requests); the generated registration parses whatever comes."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        service.Session, request_deserializer=None,
+        response_serializer=session_pb2.SessionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Session": handler}),))

@@ -22,21 +22,22 @@ import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from worldstream.api.spaces import ACTION_SPACES, BlockAction
+from worldstream.api.spaces import BlockAction
 from ..encoder.client import ConditionFeed, ConditionSpec, EncoderClient
 from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
 from ..media import encode_jpeg
-from ..serving.aio import WorkerLane, first_request, run_together, within, write_with_timeout
+from ..serving.aio import WorkerLane, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
+from ..serving.memory import HeapTrimmer
 from ..serving.metrics import ServiceMetrics
 from ..serving.profiling import StreamProfiler
 from worldstream.v1 import session_pb2
 from worldstream.api.messages import action_space_message, parse_action
+from .requests import ClientMessages, StartOptions, parse_start
 
 log = logging.getLogger("worldstream.decoder")
 
-DEFAULT_JPEG_QUALITY = 85
 OUTBOX_BLOCKS = 2  # finished blocks waiting for encoding/sending before the block loop pauses
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
@@ -46,48 +47,6 @@ def _now() -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(time.time_ns())
     return stamp
-
-
-# ---- validation of client messages ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StartOptions:
-    mode: str
-    image: bytes
-    seed: int
-    max_blocks: int
-    frame_encoding: int
-    jpeg_quality: int
-    pacing: int
-
-
-def parse_start(start: session_pb2.StartSession, models: DecoderModels) -> StartOptions:
-    """Check a start request against what this server runs; ServiceError(INVALID_ARGUMENT) says what to fix.
-    An empty mode means the server's."""
-    mode = start.mode or models.mode
-    if mode not in ACTION_SPACES:
-        raise ServiceError(_INVALID, f"unknown mode {start.mode!r}; Matrix-Game-2 modes are {sorted(ACTION_SPACES)} "
-                                     f"and this server runs {models.mode!r}")
-    if mode != models.mode:
-        raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
-                                     f"{start.mode} deployment")
-    if not start.image:
-        raise ServiceError(_INVALID, "start.image is empty: send the first frame as PNG or JPEG bytes")
-    max_blocks = start.max_blocks or models.max_blocks
-    if max_blocks > models.max_blocks:
-        raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
-                                     f"{models.max_blocks} blocks")
-    encoding = start.frame_encoding or session_pb2.FRAME_ENCODING_JPEG
-    if encoding not in (session_pb2.FRAME_ENCODING_JPEG, session_pb2.FRAME_ENCODING_RAW_RGB):
-        raise ServiceError(_INVALID, f"unknown frame_encoding {start.frame_encoding}; use JPEG or RAW_RGB")
-    quality = start.jpeg_quality or DEFAULT_JPEG_QUALITY
-    if quality > 100:
-        raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100] (0 = {DEFAULT_JPEG_QUALITY}), got "
-                                     f"{start.jpeg_quality}")
-    pacing = start.pacing or session_pb2.PACING_LOCKSTEP
-    if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
-        raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
-    return StartOptions(mode, start.image, start.seed, max_blocks, encoding, quality, pacing)
 
 
 # ---- actions from the client ----------------------------------------------------------------------------------
@@ -180,6 +139,7 @@ class SessionManager:
         self.idle_timeout = idle_timeout
         self.profiler = StreamProfiler(profile_dir, log)
         self.frame_pool = concurrent.futures.ThreadPoolExecutor(frame_workers, thread_name_prefix="frames")
+        self.trimmer = HeapTrimmer()
         self.sessions: dict[str, Session] = {}
         self.reserved = 0
         self.terminating = False
@@ -190,18 +150,16 @@ class SessionManager:
         for session in list(self.sessions.values()):
             await session.inbox.interrupt()
 
-    async def stream(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+    async def stream(self, context: grpc.aio.ServicerContext) -> None:
         """The body of one WorldSessionService.Session call."""
         if self.models is None or self.terminating:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decoder is loading its models or shutting down; "
                                                             "retry shortly")
         received = time.perf_counter()
-        first = await first_request(requests, self.idle_timeout, "a `start` request")
-        self.metrics.bytes_received.inc(first.ByteSize())
-        if first.WhichOneof("request") != "start":
-            raise ServiceError(_INVALID, f"the first message must be `start`, got "
-                                         f"`{first.WhichOneof('request') or 'an empty request'}`")
-        options = parse_start(first.start, self.models)
+        messages = ClientMessages(context, self.metrics, self.trimmer)
+        first = await messages.first(self.idle_timeout)
+        options = await asyncio.get_running_loop().run_in_executor(None, parse_start, first, self.models)
+        del first  # the serialized start would otherwise live as long as the session
         if self.reserved >= self.max_sessions:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"this decoder runs {self.max_sessions} sessions at most and all are busy; retry "
@@ -211,7 +169,7 @@ class SessionManager:
         session = Session(self, options, context, received)
         self.sessions[session.id] = session
         try:
-            await session.run(requests)
+            await session.run(messages)
         finally:
             try:
                 await session.release()
@@ -246,7 +204,7 @@ class Session:
     async def _send(self, response: session_pb2.SessionResponse) -> None:
         await write_with_timeout(self.context, response, self.metrics, self.manager.idle_timeout)
 
-    async def run(self, requests: Any) -> None:
+    async def run(self, messages: ClientMessages) -> None:
         options, models = self.options, self.models
         self._log("session starting", seed=options.seed, max_blocks=options.max_blocks,
                   pacing=session_pb2.Pacing.Name(options.pacing),
@@ -262,7 +220,7 @@ class Session:
             fps=int(models.cfg.video.fps), max_blocks=options.max_blocks,
             action_space=action_space_message(self.space), frame_encoding=options.frame_encoding,
             pacing=options.pacing)))
-        await run_together(self._deliver(), self._produce(), self._read(requests))
+        await run_together(self._deliver(), self._produce(), self._read(messages))
 
     def _open_generation(self, visual_context: torch.Tensor) -> GenerationSession:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
@@ -273,22 +231,17 @@ class Session:
 
     # -- the three coroutines --
 
-    async def _read(self, requests: Any) -> None:
+    async def _read(self, messages: ClientMessages) -> None:
         """Client messages -> inbox. Ends when the client half-closes or sends `stop`."""
         lockstep = self.inbox.lockstep
         for count in itertools.count():
-            message = await anext(requests, None)
+            message = await messages.next()
             if message is None:
                 await self.inbox.stop()
                 return
-            self.metrics.bytes_received.inc(message.ByteSize())
-            kind = message.WhichOneof("request")
-            if kind == "stop":
+            if message.WhichOneof("request") == "stop":
                 await self.inbox.stop()
                 break
-            if kind != "action":
-                raise ServiceError(_INVALID, f"`{kind or 'an empty request'}` is only allowed as the first message; "
-                                             "send `action` or `stop`")
             if lockstep and count >= self.options.max_blocks:
                 raise ServiceError(_OUT_OF_RANGE, f"action #{count + 1} is past the end: the session has "
                                                   f"max_blocks={self.options.max_blocks} blocks, one action each")
@@ -298,7 +251,7 @@ class Session:
             except ValueError as e:
                 raise ServiceError(_INVALID, str(e)) from None
             await self.inbox.put(TakenAction(message.action, action, _now()))
-        if await anext(requests, None) is not None:
+        if await messages.next() is not None:
             raise ServiceError(_OUT_OF_RANGE, "a message arrived after `stop`; the session accepts nothing more")
 
     async def _produce(self) -> None:

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ..engine.eden import build_eden_patchify, check_frame_size
 from ..engine.interpolation import DEFAULT_PAYLOAD_JPEG_QUALITY, decode_frame, encode_payload
 from ..models.eden import EdenPatchify
-from ..serving.aio import WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.aio import Requests, WorkerLane, first_request, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
@@ -99,7 +99,7 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         await run_call(refuse(), context, self.metrics, log, "Encode")
 
     async def EncodePairs(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await run_call(self._encode_pairs(request_iterator, context), context, self.metrics, log, "EncodePairs")
+        await run_call(self._encode_pairs(Requests(context), context), context, self.metrics, log, "EncodePairs")
 
     async def _encode_pairs(self, requests, context: grpc.aio.ServicerContext) -> None:
         if self.patchify is None or self.terminating:

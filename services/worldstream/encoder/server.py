@@ -18,7 +18,7 @@ from torch.profiler import record_function
 
 from ..engine.encoder import EncoderModels
 from ..media import load_image
-from ..serving.aio import WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.aio import Requests, WorkerLane, first_request, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
@@ -63,7 +63,7 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         self.terminating = True
 
     async def Encode(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await run_call(self._encode(request_iterator, context), context, self.metrics, log, "Encode")
+        await run_call(self._encode(Requests(context), context), context, self.metrics, log, "Encode")
 
     async def _encode(self, requests, context: grpc.aio.ServicerContext) -> None:
         if self.models is None or self.terminating:

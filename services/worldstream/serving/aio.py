@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,31 +20,55 @@ T = TypeVar("T")
 
 async def run_call(handler: Awaitable[None], context: grpc.aio.ServicerContext, metrics: ServiceMetrics,
                    logger: logging.Logger, call: str) -> None:
-    """Run one RPC body: map ServiceError to its status, count failures by code, never let a bug of one call
-    escape as anything but INTERNAL. Cancellation (client gone) is counted and propagated."""
+    """Run one RPC body: end the call with the status of a ServiceError, INTERNAL for a bug (logged with its
+    traceback, without taking down other calls); count failures by code. Cancellation (client gone) is counted
+    and propagated.
+
+    A failed call must not keep what its handler held (a 30 MB start, a session's state). So the status is set on
+    the context rather than raised with `context.abort`: gRPC keeps an abort's exception in the call's state, and
+    with it, through the exception chain, the failed handler's frames, in a reference cycle that only a full
+    garbage collection frees (the large request counts as one object towards the collector's thresholds). For the
+    same reason the failure's frames are cleared: tasks that re-raise a helper's error form such cycles too."""
     try:
         await handler
+        return
     except ServiceError as e:
-        if context.cancelled():  # the error is a consequence of the caller leaving
-            metrics.errors.labels(code=grpc.StatusCode.CANCELLED.name).inc()
-            log_event(logger, "call cancelled", call=call, detail=e.message)
-            return
-        metrics.errors.labels(code=e.code.name).inc()
-        log_event(logger, "call failed", logging.WARNING, call=call, code=e.code.name, detail=e.message)
-        await context.abort(e.code, e.message)
+        code, message = e.code, e.message
+        _drop_frames(e)
     except ClientGone:
         metrics.errors.labels(code=grpc.StatusCode.CANCELLED.name).inc()
         log_event(logger, "call cancelled", call=call)
+        return
     except asyncio.CancelledError:
         metrics.errors.labels(code=grpc.StatusCode.CANCELLED.name).inc()
         log_event(logger, "call cancelled", call=call)
         raise
-    except grpc.aio.AbortError:
-        raise
-    except Exception as e:  # a bug: report it without taking down other sessions
-        metrics.errors.labels(code=grpc.StatusCode.INTERNAL.name).inc()
+    except Exception as e:  # a bug
         logger.exception("call crashed", extra={"fields": {"call": call}})
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {call}: {type(e).__name__}: {e}")
+        crash = ServiceError(grpc.StatusCode.INTERNAL, f"internal error in {call}: {type(e).__name__}: {e}")
+        code, message = crash.code, crash.message  # capped like every status message
+        _drop_frames(e)
+    if context.cancelled():  # the error is a consequence of the caller leaving
+        metrics.errors.labels(code=grpc.StatusCode.CANCELLED.name).inc()
+        log_event(logger, "call cancelled", call=call, detail=message)
+        return
+    metrics.errors.labels(code=code.name).inc()
+    log_event(logger, "call failed", logging.WARNING, call=call, code=code.name, detail=message)
+    context.set_code(code)
+    context.set_details(message)
+
+
+def _drop_frames(error: BaseException) -> None:
+    """Clear the local variables of the finished frames an exception (and the ones it was raised from) passed
+    through, so that nothing they referenced outlives the failed call."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]
 
 
 async def within(awaitable: Awaitable[T], timeout: float) -> T:
@@ -103,7 +128,26 @@ async def run_together(main: Awaitable[T], *helpers: Awaitable[None]) -> T:
         await asyncio.gather(main_task, *helper_tasks, return_exceptions=True)
 
 
-async def first_request(requests: Any, timeout: float, what: str) -> Any:
+class Requests:
+    """The request messages of a streaming call, read with `context.read()`: use this, not the request iterator
+    gRPC hands to the handler. That iterator is an async generator in a reference cycle with its owner, suspended
+    at `yield` on the last message it gave out, so each call's last request (a 30 MB upload) stays in memory until
+    a full garbage collection finds the cycle; this object holds no message."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+
+    def __aiter__(self) -> "Requests":
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self._context.read()
+        if message is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return message
+
+
+async def first_request(requests: Requests, timeout: float, what: str) -> Any:
     """The first message of a request stream; INVALID_ARGUMENT if the stream ends first, DEADLINE_EXCEEDED if
     nothing comes within `timeout` seconds."""
     try:

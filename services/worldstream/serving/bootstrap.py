@@ -17,6 +17,7 @@ import grpc
 
 from .health import SERVING, add_health_and_reflection, follow_dependency, set_serving
 from .logs import configure_logging, log_event
+from .memory import return_large_buffers
 from .metrics import ServiceMetrics
 from .security import ServerTLS, add_tls_server_arguments
 
@@ -100,6 +101,7 @@ def serve(process: str, args: argparse.Namespace, build: Callable[[ServiceMetric
     """Run the service process `process` ("encoder", "decoder") until SIGTERM or SIGINT; `build` makes the
     service around the process's metrics. Returns the exit status."""
     configure_logging(process, args.log_level, args.log_format)
+    return_large_buffers()
     asyncio.run(_serve(process, args, build))
     return 0
 

@@ -1,0 +1,135 @@
+"""What a client sends to the decoder, checked before the decoder spends memory or time on it.
+
+gRPC hands the Session call its requests as raw bytes (see `server.add_to_server`). Each message's size is checked
+against the limit of its kind before it is parsed: the first message is a `start`, at most the image limit plus a
+little; every later one is an `action` or `stop`, a few hundred bytes in any of the action's forms. A message
+that does not parse (truncated, corrupt) is INVALID_ARGUMENT. A start is parsed and validated, its image checked
+from the header, on a worker thread: it may be 32 MiB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from worldstream.api.spaces import ACTION_SPACES
+from ..engine.generator import DecoderModels
+from ..media import MAX_IMAGE_BYTES, probe_image
+from ..serving.aio import Requests, first_request
+from ..serving.errors import ServiceError, echo
+from ..serving.memory import LARGE_MESSAGE_BYTES, HeapTrimmer
+from ..serving.metrics import ServiceMetrics
+from worldstream.v1 import session_pb2
+
+# The fields of a start other than the image (mode, seed, options) take a few dozen bytes.
+START_MAX_BYTES = MAX_IMAGE_BYTES + (4 << 10)
+# An action is a few hundred bytes at most (12 per-frame rows of a 7-key keyboard and a mouse are ~600 B).
+ACTION_MAX_BYTES = 4 << 10
+DEFAULT_JPEG_QUALITY = 85
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+_NOT_FIRST = "`{kind}` is only allowed as the first message; send `action` or `stop`"
+# How a serialized SessionRequest holding a `start` begins: the field's key (number, wire type 2 = length-delimited).
+_START_TAG = bytes([session_pb2.SessionRequest.DESCRIPTOR.fields_by_name["start"].number << 3 | 2])
+
+
+class ClientMessages:
+    """The requests of one Session call, each checked against its kind's size limit, then parsed. A large one
+    asks `trimmer` to return the memory gRPC received it in (see serving.memory)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, metrics: ServiceMetrics, trimmer: HeapTrimmer):
+        self._requests = Requests(context)
+        self._metrics = metrics
+        self._trimmer = trimmer
+        self._count = 0
+
+    async def first(self, timeout: float) -> bytes:
+        """The first message, still serialized (`parse_start` parses it), within the size limit of a start."""
+        raw = self._received(await first_request(self._requests, timeout, "a `start` request"))
+        self._check_size(raw, START_MAX_BYTES, "the first message (`start`)")
+        return raw
+
+    async def next(self) -> session_pb2.SessionRequest | None:
+        """The next message, parsed, an `action` or a `stop`; None once the client half-closed."""
+        raw = await anext(self._requests, None)
+        if raw is None:
+            return None
+        self._received(raw)
+        if raw[:1] == _START_TAG:  # recognised before the size check, which a start would fail
+            raise ServiceError(_INVALID, _NOT_FIRST.format(kind="start"))
+        self._check_size(raw, ACTION_MAX_BYTES, "an `action` or `stop`")
+        request = parse_request(raw, self._count)
+        kind = request.WhichOneof("request")
+        if kind not in ("action", "stop"):
+            raise ServiceError(_INVALID, _NOT_FIRST.format(kind=kind or "an empty request"))
+        return request
+
+    def _received(self, raw: bytes) -> bytes:
+        self._count += 1
+        self._metrics.bytes_received.inc(len(raw))
+        if len(raw) >= LARGE_MESSAGE_BYTES:
+            self._trimmer.soon()
+        return raw
+
+    def _check_size(self, raw: bytes, limit: int, what: str) -> None:
+        if len(raw) > limit:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"message #{self._count} has {len(raw)} bytes; {what} may have at most {limit}")
+
+
+def parse_request(raw: bytes, number: int) -> session_pb2.SessionRequest:
+    try:
+        return session_pb2.SessionRequest.FromString(raw)
+    except DecodeError as e:
+        raise ServiceError(_INVALID, f"message #{number} ({len(raw)} bytes) is not a SessionRequest: {e} "
+                                     "(truncated or corrupt protobuf)") from None
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    mode: str
+    image: bytes
+    seed: int
+    max_blocks: int
+    frame_encoding: int
+    jpeg_quality: int
+    pacing: int
+
+
+def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
+    """Parse the first message and check it against what this server runs, the image from its header; a
+    ServiceError(INVALID_ARGUMENT) says what to fix. An empty mode means the server's. Runs on a worker thread."""
+    request = parse_request(raw, 1)
+    if request.WhichOneof("request") != "start":
+        raise ServiceError(_INVALID, f"the first message must be `start`, got "
+                                     f"`{request.WhichOneof('request') or 'an empty request'}`")
+    start = request.start
+    mode = start.mode or models.mode
+    if mode not in ACTION_SPACES:
+        raise ServiceError(_INVALID, f"unknown mode {echo(start.mode)}; Matrix-Game-2 modes are "
+                                     f"{sorted(ACTION_SPACES)} and this server runs {models.mode!r}")
+    if mode != models.mode:
+        raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
+                                     f"{start.mode} deployment")
+    image = start.image  # a copy: read it once
+    if not image:
+        raise ServiceError(_INVALID, "start.image is empty: send the first frame as PNG or JPEG bytes")
+    try:
+        probe_image(image)
+    except ValueError as e:
+        raise ServiceError(_INVALID, f"start.image: {e}") from None
+    max_blocks = start.max_blocks or models.max_blocks
+    if max_blocks > models.max_blocks:
+        raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
+                                     f"{models.max_blocks} blocks")
+    encoding = start.frame_encoding or session_pb2.FRAME_ENCODING_JPEG
+    if encoding not in (session_pb2.FRAME_ENCODING_JPEG, session_pb2.FRAME_ENCODING_RAW_RGB):
+        raise ServiceError(_INVALID, f"unknown frame_encoding {start.frame_encoding}; use JPEG or RAW_RGB")
+    quality = start.jpeg_quality or DEFAULT_JPEG_QUALITY
+    if quality > 100:
+        raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100] (0 = {DEFAULT_JPEG_QUALITY}), got "
+                                     f"{start.jpeg_quality}")
+    pacing = start.pacing or session_pb2.PACING_LOCKSTEP
+    if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
+        raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
+    return StartOptions(mode, image, start.seed, max_blocks, encoding, quality, pacing)
