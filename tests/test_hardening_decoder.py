@@ -1,8 +1,9 @@
 """The decoder's public ingress against hostile and careless clients (issue 7, part A): memory of rejected starts,
 an event loop that stays responsive, images checked from their header, bounded error messages, malformed
-protobuf, per-kind message limits, and trace file names."""
+protobuf, per-kind message limits, the outcome of a session once `end` is sent, and trace file names."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import functools
 import io
@@ -22,6 +23,7 @@ from service_harness import SMALL_FRAMES, metric_value, png_bytes, running_servi
 from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, start_request
 from worldstream.decoder.requests import ACTION_MAX_BYTES, START_MAX_BYTES
+from worldstream.serving.aio import run_together
 from worldstream.serving.errors import MAX_STATUS_BYTES, ServiceError
 from worldstream.serving.profiling import StreamProfiler
 from worldstream.v1 import session_pb2
@@ -264,6 +266,37 @@ def test_status_messages_are_capped():
         error = ServiceError(Code.INVALID_ARGUMENT, text)
         assert len(error.message.encode()) <= MAX_STATUS_BYTES
     assert ServiceError(Code.INVALID_ARGUMENT, "short").message == "short"
+
+
+# ---- `end`, then an error: a session's outcome is decided once its end is on its way ---------------------------------
+
+def test_a_helper_failing_after_the_end_is_sent_does_not_change_the_outcome():
+    """The session's deliverer sets `settled` as it writes `end`; the reader then fails on a message past the end
+    (OUT_OF_RANGE). The call must end as the end said, not with the reader's error after it (seen before: `end`,
+    then OUT_OF_RANGE). And before the end, a failing helper still ends the call with its error."""
+    async def scenario(settle: bool) -> str:
+        settled, end_written = asyncio.Event(), asyncio.Event()
+
+        async def deliver() -> str:
+            if settle:
+                settled.set()
+            await end_written.wait()  # the write of `end` takes a while
+            return "ended"
+
+        async def read() -> None:
+            await asyncio.sleep(0)  # a message past the end arrives while `end` is being written
+            try:
+                raise ServiceError(Code.OUT_OF_RANGE, "action #3 is past the end")
+            finally:
+                asyncio.get_running_loop().call_later(0.05, end_written.set)
+
+        try:
+            return await run_together(deliver(), read(), settled=settled)
+        except ServiceError as e:
+            return e.code.name
+
+    assert asyncio.run(scenario(settle=True)) == "ended"
+    assert asyncio.run(scenario(settle=False)) == "OUT_OF_RANGE"
 
 
 # ---- --profile-dir: a caller's stream id never leaves the profile directory ------------------------------------------

@@ -197,6 +197,7 @@ class Session:
         self.profiler: torch.profiler.profile | None = None
         self.outbox: asyncio.Queue[_Finished | session_pb2.SessionEnd] = asyncio.Queue(OUTBOX_BLOCKS)
         self.blocks_sent = 0
+        self.ending = asyncio.Event()  # `end` is on its way: the call ends with OK whatever the client sends now
 
     def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
         log_event(log, event, level, session_id=self.id, **fields)
@@ -220,7 +221,7 @@ class Session:
             fps=int(models.cfg.video.fps), max_blocks=options.max_blocks,
             action_space=action_space_message(self.space), frame_encoding=options.frame_encoding,
             pacing=options.pacing)))
-        await run_together(self._deliver(), self._produce(), self._read(messages))
+        await run_together(self._deliver(), self._produce(), self._read(messages), settled=self.ending)
 
     def _open_generation(self, visual_context: torch.Tensor) -> GenerationSession:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
@@ -285,6 +286,7 @@ class Session:
         while True:
             item = await self.outbox.get()
             if isinstance(item, session_pb2.SessionEnd):
+                self.ending.set()
                 item.blocks_generated = self.blocks_sent
                 await self._send(session_pb2.SessionResponse(end=item))
                 self._log("session ended", reason=session_pb2.EndReason.Name(item.reason), blocks=self.blocks_sent)

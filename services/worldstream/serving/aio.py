@@ -107,10 +107,11 @@ async def write_with_timeout(context: grpc.aio.ServicerContext, message: Any, me
     metrics.bytes_sent.inc(message.ByteSize())
 
 
-async def run_together(main: Awaitable[T], *helpers: Awaitable[None]) -> T:
+async def run_together(main: Awaitable[T], *helpers: Awaitable[None], settled: asyncio.Event | None = None) -> T:
     """Run `main` alongside helper coroutines (readers, producers). The first helper to fail cancels `main` and
-    its error is raised; a helper that returns normally just stops. Everything left is cancelled when `main`
-    ends or when the caller is cancelled."""
+    its error is raised, unless `main` has set `settled`: its outcome is then decided (the stream's last message
+    is on its way, and a failure now would follow it), so a helper's failure only stops that helper. A helper that
+    returns normally just stops. Everything left is cancelled when `main` ends or when the caller is cancelled."""
     main_task = asyncio.ensure_future(main)
     helper_tasks = [asyncio.ensure_future(h) for h in helpers]
     pending: set[asyncio.Future] = {main_task, *helper_tasks}
@@ -120,7 +121,7 @@ async def run_together(main: Awaitable[T], *helpers: Awaitable[None]) -> T:
             if main_task in done:
                 return main_task.result()
             for task in done:
-                if task.exception() is not None:
+                if task.exception() is not None and not (settled is not None and settled.is_set()):
                     raise task.exception()
     finally:
         for task in (main_task, *helper_tasks):
