@@ -13,6 +13,8 @@ from torch import nn
 from ..models.causal_wan import ActionConfig, CausalWanModel, DiTConfig
 from ..models.checkpoints import (CheckpointError, check_strict, init_random_, load_strict, read_state_dict,
                                   safetensors_layout)
+from ..models.kv_cache import recache_phases, session_phases
+from ..models.lora import check_lora, lora_targets, merge_lora, read_lora_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,10 @@ def check_wan_config(path: Path, cfg: DiTConfig) -> None:
             raise CheckpointError(f"{path}: {field} is {published[field]}, the config builds {ours}")
 
 
-def load_wan_t2v(model: CausalWanModel, checkpoints: DictConfig) -> None:
+def read_wan_t2v(model: CausalWanModel, checkpoints: DictConfig) -> tuple[dict[str, torch.Tensor], str]:
     """Wan2.1-T2V base folder (`checkpoints.base`), then the generator of a training checkpoint on top
-    (`checkpoints.generator`, entry `checkpoints.generator_key`, keys prefixed `model.`), both strictly.
+    (`checkpoints.generator`, entry `checkpoints.generator_key`, keys prefixed `model.`): (the generator's
+    state dict, where it came from), to be loaded strictly.
 
     The generator covers every parameter (strict), so no base value survives it: the base weights are checked
     key by key and shape by shape from the safetensors header, without reading their 5.7 GB.
@@ -115,27 +118,57 @@ def load_wan_t2v(model: CausalWanModel, checkpoints: DictConfig) -> None:
     source = f"{checkpoints.generator}[{key!r}]"
     sd = read_state_dict(checkpoints.generator, prefix="model.", entry=key)
     if not sd:
-        raise CheckpointError(f"{source}: no key starts with 'model.'; is this a Self-Forcing checkpoint?")
-    log.info("loading %s from %s (%d tensors)", type(model).__name__, source, len(sd))
-    load_strict(model, sd, source)
+        raise CheckpointError(f"{source}: no key starts with 'model.'; is this a Self-Forcing or LongLive checkpoint?")
+    return sd, source
+
+
+def merged_lora_weights(model: CausalWanModel, sd: dict[str, torch.Tensor], path: str,
+                        lora: DictConfig) -> dict[str, torch.Tensor]:
+    """`sd` with the adapter of the LoRA file `path` (PEFT layout, rank `lora.rank`, scale `lora.alpha`/rank)
+    merged into its target Linears, on the model's device, in its dtype (`models/lora.py`)."""
+    adapter = read_lora_state_dict(path)
+    targets = lora_targets(model)
+    check_lora(adapter, targets, int(lora.rank), str(path))
+    param = next(model.parameters())
+    log.info("merging the LoRA of %s into %d Linears (rank %d, alpha %s)", path, len(targets), lora.rank, lora.alpha)
+    return merge_lora(sd, adapter, targets, float(lora.alpha) / int(lora.rank), param.dtype, param.device)
 
 
 def build_dit(cfg: DictConfig) -> CausalWanModel:
     """The DiT of a config with seeded random weights (`init_seed`) or its family's published checkpoints:
-    Matrix-Game-2's single distilled file, or Self-Forcing's Wan2.1-T2V base + generator."""
+    Matrix-Game-2's single distilled file, Self-Forcing's Wan2.1-T2V base + generator, or LongLive's base +
+    generator + LoRA (merged)."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     with building(device, dtype):
         model = CausalWanModel(dit_config(cfg))
-    if cfg.init_seed is not None:
+    if cfg.init_seed is not None:  # (a LongLive config's LoRA too: random weights need no adapter)
         init_random_(model, int(cfg.init_seed) + 1)
-    elif cfg.family == "self_forcing":
-        load_wan_t2v(model, cfg.checkpoints)
+    elif cfg.family in ("self_forcing", "longlive"):
+        sd, source = read_wan_t2v(model, cfg.checkpoints)
+        if cfg.family == "longlive":
+            sd = merged_lora_weights(model, sd, str(cfg.checkpoints.lora), cfg.lora)
+            source += f" + {cfg.checkpoints.lora} (LoRA merged)"
+        log.info("loading %s from %s (%d tensors)", type(model).__name__, source, len(sd))
+        load_strict(model, sd, source)
     else:
         load_weights(model, cfg, cfg.checkpoints.dit, prefix="model.")
     model.eval()
     if cfg.compile:
         # Per layer, in place (state-dict keys unchanged). All layers share one compiled code object; static
-        # shapes give one graph per (action module or not) x cache phase, all made at warm-up (MG2: six).
+        # shapes give one graph per (action module or not) x cache phase, all made at warm-up (MG2: six), and
+        # where prompts switch one per re-cache shape too (LongLive: six phases and seven re-cache shapes). Past
+        # dynamo's limit of graphs per code object (8 by default) it would run the others eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, compiled_shapes(cfg, model))
         for block in model.blocks:
             block.compile(dynamic=False)
     return model
+
+
+def compiled_shapes(cfg: DictConfig, model: CausalWanModel) -> int:
+    """Graphs the compiled layers of a session take: per cache phase of the blocks (twice with an action module,
+    whose layers differ), and per re-cache shape where prompts switch (configs with `pipeline.global_sink`)."""
+    policy, frames_per_block = model.cache_policy, int(cfg.pipeline.frames_per_block)
+    shapes = len(session_phases(policy, frames_per_block)) * (2 if model.cfg.action else 1)
+    if "global_sink" in cfg.pipeline:
+        shapes += len(recache_phases(policy, frames_per_block, bool(cfg.pipeline.global_sink)))
+    return shapes

@@ -4,7 +4,8 @@
   the latents (in_dim 36), the keyboard/mouse action module in the first layers, a rolling KV window.
 * Self-Forcing (Wan2.1-T2V-1.3B): text cross-attention (UMT5 context through `text_embedding`), in_dim 16, no
   action module, a global KV cache of 21 latent frames.
-* LongLive (next): Self-Forcing's model with a frame sink and a rolling window, LoRA merged at load.
+* LongLive v1.0: Self-Forcing's model with a rolling window of 12 latent frames whose first 3 (the frame sink)
+  never leave, and its LoRA merged into the weights at load (`lora.py`), so that it runs the same Linears.
 
 What differs is configuration (`DiTConfig`): the context embedder, the extra input channels, the action layers
 and the cache policy; everything else (blocks, RoPE, caches, head) is shared. Parameter names and module nesting
@@ -85,13 +86,14 @@ class DiTConfig:
         return self.in_dim - self.out_dim
 
     def cache_policy(self) -> CachePolicy:
-        if self.sink_size != 0:
-            raise ValueError("sink_size > 0 (LongLive's frame sink) is not supported yet")
         if self.local_attn_size == -1:
+            if self.sink_size != 0:
+                raise ValueError(f"sink_size {self.sink_size}: a frame sink belongs to a rolling window; set "
+                                 "local_attn_size (LongLive: 12) or sink_size 0")
             return GlobalWindow(self.global_cache_frames)
         if self.local_attn_size < 1:
             raise ValueError(f"local_attn_size must be -1 (global) or >= 1 latent frames, got {self.local_attn_size}")
-        return RollingWindow(self.local_attn_size)
+        return RollingWindow(self.local_attn_size, self.sink_size)
 
 
 class RMSNorm(nn.Module):
