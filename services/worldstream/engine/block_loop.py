@@ -3,16 +3,21 @@
 This is the single core that every front-end (batch, streaming service, golden checker) runs. Positions are
 Python ints; timesteps and sigmas are host floats computed once; every device tensor the loop needs per step
 is prepared before the first block, so the loop itself never waits on the device.
+
+Besides blocks, the caches take clean latents at t = context_noise: a video's conditioning latents before the
+first block (`condition`), and after a prompt switch the re-cache of the frames the window holds under the new
+prompt (`switch_context`, LongLive).
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Protocol
 
 import torch
 from torch.profiler import record_function
 
 from ..models.causal_wan import CausalWanModel
-from ..models.kv_cache import DiTCaches
+from ..models.kv_cache import DiTCaches, RingSlots, RollingWindow
 from .scheduler import FlowMatchSchedule, flow_to_x0, renoise
 
 Observer = Callable[[str, torch.Tensor], None]
@@ -53,8 +58,35 @@ class SessionDiT:
                  keyboard_rows: torch.Tensor | None, mouse_rows: torch.Tensor | None) -> torch.Tensor:
         return self.model(x, t, cond, self.caches, start_frame, keyboard_rows, mouse_rows)
 
+    def call_at(self, x: torch.Tensor, t: torch.Tensor, start_frame: int, slots: RingSlots) -> torch.Tensor:
+        """A call of a text-to-video model with slots the cache policy gave for it (a re-cache; never graphed)."""
+        frame_index = torch.arange(start_frame, start_frame + x.shape[2], device=x.device)
+        return self.model.forward_at(x, t, None, self.caches, slots, frame_index)
+
     def release(self) -> None:
         self.caches.release()
+
+
+class RecentLatents:
+    """The most recent clean latents of a session (conditioning and generated), at least `frames` of them:
+    what a re-cache runs over. Whole blocks, as they came; device memory of a few blocks."""
+
+    def __init__(self, frames: int):
+        self.frames = frames
+        self.blocks: deque[torch.Tensor] = deque()
+        self.held = 0
+
+    def append(self, latents: torch.Tensor) -> None:
+        self.blocks.append(latents)
+        self.held += latents.shape[2]
+        while self.held - self.blocks[0].shape[2] >= self.frames:
+            self.held -= self.blocks.popleft().shape[2]
+
+    def last(self, frames: int) -> torch.Tensor:
+        """[B, C, frames, h, w]: the `frames` most recent latent frames."""
+        if frames > self.held:
+            raise ValueError(f"{frames} latent frames asked for, {self.held} held")
+        return torch.cat(list(self.blocks), dim=2)[:, :, self.held - frames:]
 
 
 class BlockDenoiser:
@@ -75,16 +107,74 @@ class BlockDenoiser:
         batch, context_tokens = context.shape[:2]
         self.block_shape = (batch, channels, frames_per_block, height, width)
         self.dit = dit if dit is not None else SessionDiT.create(model, batch, latent_shape, context_tokens)
-        model.set_context(self.dit.caches, context.to(self.device, self.dtype))
+        self.set_context(context)
         self.noise = noise
         self.timesteps = timesteps
         self.sigmas = [schedule.sigma(t) for t in timesteps]
         self.step_t = [torch.full((batch, frames_per_block), t, device=self.device, dtype=torch.float32)
                        for t in timesteps]
-        self.context_t = torch.full((batch, frames_per_block), float(context_noise), device=self.device,
+        self.context_noise = float(context_noise)
+        self.context_t = torch.full((batch, frames_per_block), self.context_noise, device=self.device,
                                     dtype=torch.float32)
-        self.context_sigma = schedule.sigma(float(context_noise)) if context_noise else 0.0
+        self.context_sigma = schedule.sigma(self.context_noise) if context_noise else 0.0
+        self.clean_sigma = schedule.sigma(self.context_noise)  # x0 of a pass over clean latents (observed only)
         self._template = torch.empty(self.block_shape, device=self.device, dtype=self.dtype)
+        self.first_block_frame = 0  # latent frames of conditioning before block 0
+        self.frames_cached = 0  # latent frames [0, frames_cached) are in the caches
+        self.recent = RecentLatents(model.cache_policy.frames)
+
+    @torch.no_grad()
+    def set_context(self, context: torch.Tensor) -> None:
+        """Attend to `context` from the next call on (the cross-attention caches only)."""
+        self.model.set_context(self.dit.caches, context.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def condition(self, latents: torch.Tensor, observe: Observer | None = None) -> None:
+        """Cache clean conditioning latents [B, 16, T, h, w] (a video's, T a multiple of the block size) under
+        the current context before the first block: `frames_per_block` of them per call at t = context_noise, as
+        Self-Forcing's `initial_latent` loop; blocks then follow them. Never one call over more frames: that
+        would not fit the window (spec §4.4)."""
+        n = self.frames_per_block
+        frames = latents.shape[2]
+        if self.frames_cached:
+            raise RuntimeError("conditioning goes before the first block")
+        if frames == 0 or frames % n:
+            raise ValueError(f"{frames} conditioning latent frames: give a multiple of the block size ({n})")
+        latents = latents.to(self.device, self.dtype)
+        for chunk, start in enumerate(range(0, frames, n)):
+            x = latents[:, :, start:start + n]
+            with record_function(f"condition_{chunk}"):
+                flow = self.dit(x, self.context_t, None, start, None, None)
+            if observe is not None:
+                observe(f"cond{chunk}.flow_pred", flow)
+                observe(f"cond{chunk}.x0_pred", flow_to_x0(x, flow, self.clean_sigma))
+            self.recent.append(x)
+        self.first_block_frame = self.frames_cached = frames
+
+    @torch.no_grad()
+    def switch_context(self, context: torch.Tensor, keep_sink: bool, observe: Observer | None = None) -> None:
+        """From the next block on, attend to `context` (a new prompt's text context): LongLive's
+        `_recache_after_switch`. The cross-attention caches take the new context (the reference empties them
+        before and after the re-cache, and the next call fills them from the prompt: the same values), then one
+        call at t = context_noise over the frames the window holds rewrites their keys/values under it
+        (`RollingWindow.recache`: the sink stays with `keep_sink`). Before the first block it only sets the
+        context."""
+        policy = self.model.cache_policy
+        if not isinstance(policy, RollingWindow):
+            raise ValueError("prompt switching re-caches a rolling window (LongLive); this model's KV cache is "
+                             "global")
+        self.set_context(context)
+        if not self.frames_cached:
+            return
+        start, slots = policy.recache(self.frames_cached, keep_sink)
+        x = self.recent.last(slots.frames)
+        t = torch.full(x.shape[:1] + x.shape[2:3], self.context_noise, device=self.device, dtype=torch.float32)
+        with record_function("recache"):
+            flow = self.dit.call_at(x, t, start, slots)
+        if observe is not None:
+            observe("recache.input", x)
+            observe("recache.flow_pred", flow)
+            observe("recache.x0_pred", flow_to_x0(x, flow, self.clean_sigma))
 
     @torch.no_grad()
     def denoise(self, block_index: int, cond_concat: torch.Tensor | None = None,
@@ -95,7 +185,7 @@ class BlockDenoiser:
         The per-block conditioning is whatever the model takes: `cond_concat` channels, action rows, or nothing.
         `observe(name, tensor)` sees every intermediate (golden checks); `clock.mark(stage)` times the stages.
         """
-        start = block_index * self.frames_per_block
+        start = self.first_block_frame + block_index * self.frames_per_block
         cond = cond_concat.to(self.device, self.dtype) if cond_concat is not None else None
         kb = keyboard_rows.to(self.device) if keyboard_rows is not None else None
         mouse = mouse_rows.to(self.device) if mouse_rows is not None else None
@@ -127,6 +217,8 @@ class BlockDenoiser:
         if observe is not None:
             observe("context.flow_pred", context_flow)
             observe("denoised", x0)
+        self.frames_cached = start + self.frames_per_block
+        self.recent.append(x0)
         return x0
 
     def release(self) -> None:

@@ -3,8 +3,9 @@
 `DecoderModels` is built once per process; `GenerationSession` is one user's stream. Batch and streaming
 front-ends both call `GenerationSession.run_block` block after block: one core, two front-ends. The same code
 runs every configuration of the causal DiT: Matrix-Game-2 sessions start from CLIP tokens and take a
-`cond_concat` and an action per block; Self-Forcing (text-to-video) sessions start from a prompt's text context
-and take nothing per block.
+`cond_concat` and an action per block; text-to-video sessions (Self-Forcing, LongLive) start from a prompt's text
+context and take nothing per block. LongLive sessions may switch prompts between blocks (`switch_prompt`), and a
+text-to-video session may continue a video (`condition_on_video`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from worldstream.api.spaces import ACTION_SPACES, ActionSpace, BlockAction
-from ..models.kv_cache import session_phases
+from ..models.causal_wan import ROPE_MAX_FRAMES
+from ..models.kv_cache import recache_phases, session_phases
 from ..models.wan_vae import VAEDecodeStream, WanVAEDecoder, split_vae_state_dict
 from .action_track import ActionTrack, config_layout
 from .block_loop import BlockDenoiser, GaussianNoise, NoiseSource
@@ -32,7 +34,8 @@ class BlockOutput:
     index: int
     frames: torch.Tensor  # uint8 [T, H, W, 3] on the CPU
     latents: torch.Tensor  # [1, 16, n, h, w] on the model's device
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage ("recache" after a switch)
+    switched: bool = False  # the first block under a prompt given by `switch_prompt`
 
 
 class StageClock:
@@ -122,6 +125,13 @@ class DecoderModels:
         self.frames_per_block = int(pipe.frames_per_block)
         self.latent_shape = (int(cfg.dit.out_dim), int(cfg.video.height) // 8, int(cfg.video.width) // 8)
         self.max_blocks, self.block_limit = session_block_limit(cfg)
+        # LongLive's configs say whether a prompt switch keeps the frame sink; the others cannot switch
+        self.global_sink: bool | None = bool(pipe.global_sink) if "global_sink" in pipe else None
+        sink = self.dit.cfg.sink_size
+        if sink % self.frames_per_block:
+            # (the reference's recompute protection would keep a block's first, noisy keys in the sink)
+            raise ValueError(f"dit.sink_size ({sink}) must be a multiple of pipeline.frames_per_block "
+                             f"({self.frames_per_block}): no block may straddle the frame sink")
         # CUDA graphs of the DiT call (captured by `warm_up`); on a CPU every call runs op by op.
         self.dit_graphs = (DiTGraphPool(self.dit, self.latent_shape, self.context_shape[1])
                            if self.device.type == "cuda" and cfg.cuda_graphs else None)
@@ -129,6 +139,11 @@ class DecoderModels:
     @property
     def text_to_video(self) -> bool:
         return self.dit.cfg.text_dim is not None
+
+    @property
+    def switches_prompts(self) -> bool:
+        """Sessions may switch prompts between blocks (LongLive: a frame-sink window and its re-cache)."""
+        return self.global_sink is not None and self.text_to_video
 
     @property
     def context_shape(self) -> tuple[int, int, int]:
@@ -158,11 +173,16 @@ class DecoderModels:
 
         By default it runs through every cache phase of a session (3 blocks at 3 frames per block in a rolling
         window of 6, all 7 of a global cache of 21 frames): every shape the compiled block loop takes, including
-        the VAE decoder's first-latent cache shapes. With CUDA graphs, each of the `sessions` concurrent sessions
-        gets a cache set with a graph per phase; later sessions beyond that many run the DiT without graphs."""
+        the VAE decoder's first-latent cache shapes. Where sessions switch prompts, it switches before the blocks
+        that give every shape of the re-cache too (LongLive: before blocks 1 to 7 of 8). With CUDA graphs, each
+        of the `sessions` concurrent sessions gets a cache set with a graph per phase; later sessions beyond that
+        many run the DiT without graphs (re-caches never use graphs)."""
         start = time.perf_counter()
+        policy = self.dit.cache_policy
+        switch_before = (set(recache_phases(policy, self.frames_per_block, self.global_sink).values())
+                         if self.switches_prompts else set())
         if blocks is None:
-            blocks = len(session_phases(self.dit.cache_policy, self.frames_per_block))
+            blocks = max([len(session_phases(policy, self.frames_per_block)), *(b + 1 for b in switch_before)])
         blocks = min(blocks, self.max_blocks)
         if blocks > 0:
             dtype = resolve_dtype(self.cfg.dtype)
@@ -178,8 +198,10 @@ class DecoderModels:
                 throwaway = [self.open_session(context, seed=0, max_blocks=blocks) for _ in range(sessions)]
                 for session in throwaway:
                     opened.callback(session.close)
-                for _ in range(blocks):
+                for b in range(blocks):
                     for session in throwaway:
+                        if b in switch_before:
+                            session.switch_prompt(context)
                         session.run_block(cond, action)
         return time.perf_counter() - start
 
@@ -194,12 +216,16 @@ class DecoderModels:
         if not 1 <= max_blocks <= self.max_blocks:
             raise ValueError(f"max_blocks must be in [1, {self.max_blocks}] for this config ({self.block_limit}), "
                              f"got {max_blocks}")
+        self.check_context(context)
+        return GenerationSession(self, context, seed, max_blocks, noise)
+
+    def check_context(self, context: torch.Tensor) -> None:
+        """ValueError unless `context` fits `context_shape` (a text context may have fewer rows)."""
         expected = self.context_shape
         if context.dim() != 3 or context.shape[0] != 1 or context.shape[2] != expected[2] or (
                 context.shape[1] != expected[1] and not self.text_to_video):
             raise ValueError(f"the session context has shape {list(context.shape)}; this model takes "
                              f"{list(expected)}" + (" (fewer rows are zero-padded)" if self.text_to_video else ""))
-        return GenerationSession(self, context, seed, max_blocks, noise)
 
 
 class GenerationSession:
@@ -219,10 +245,61 @@ class GenerationSession:
                                       models.dit_graphs.take() if models.dit_graphs else None)
         self.vae = VAEDecodeStream(models.vae)
         self.closed = False
+        self.next_context: torch.Tensor | None = None  # a switched prompt the next block starts with
 
     @property
     def finished(self) -> bool:
         return self.block_index >= self.max_blocks
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        if self.finished:
+            raise IndexError(f"session already produced its {self.max_blocks} blocks: no block is left for {what}")
+
+    def switch_prompt(self, context: torch.Tensor) -> None:
+        """Generate from the next block on under `context` (another prompt's text context). That block first
+        re-caches the frames the window holds under it (LongLive's `_recache_after_switch`, a "recache" stage
+        in its timings) and says `switched`. Before the first block it only replaces the session's prompt; a
+        later call before the same block replaces the one before."""
+        self._check_open("the new prompt")
+        models = self.models
+        if not models.switches_prompts:
+            raise ValueError("this model generates from an image and actions, not prompts" if not
+                             models.text_to_video else f"a {models.cfg.family} session cannot switch prompts: the "
+                             "switch re-caches a rolling window with a frame sink (LongLive configs)")
+        models.check_context(context)
+        self.next_context = context
+
+    @torch.no_grad()
+    def condition_on_video(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Continue a video (spec §4.4): before the first block, cache its conditioning latents [1, 16, T, h, w]
+        (T whole blocks, `clips.encode_clip`) under the session's prompt, one block of latents per call at
+        t = context_noise, then generate under `context` (the second prompt: cross-attention only, no re-cache).
+        The streaming VAE decoder decodes the latents first, so that the first block's frames continue them.
+        Returns that reconstruction of the video, uint8 [1 + 4·(T - 1), H, W, 3] on the CPU."""
+        self._check_open("the video")
+        models = self.models
+        if self.block_index or self.denoiser.frames_cached:
+            raise RuntimeError("a session is conditioned on a video before its first block, once")
+        if not models.text_to_video:
+            raise ValueError("this model generates from an image and actions; video conditioning is for "
+                             "text-to-video configs")
+        models.check_context(context)
+        channels, height, width = models.latent_shape
+        if latents.dim() != 5 or latents.shape[0] != 1 or latents.shape[1] != channels or \
+                tuple(latents.shape[3:]) != (height, width):
+            raise ValueError(f"conditioning latents have shape {list(latents.shape)}; this model takes "
+                             f"[1, {channels}, T, {height}, {width}]")
+        frames = latents.shape[2] + self.max_blocks * models.frames_per_block
+        reach = min(ROPE_MAX_FRAMES, models.dit.cache_policy.max_frames or ROPE_MAX_FRAMES)
+        if frames > reach:
+            raise ValueError(f"{latents.shape[2]} latent frames of conditioning and {self.max_blocks} blocks make "
+                             f"{frames} latent frames; a session of this config reaches {reach}")
+        self.denoiser.condition(self._to_device(latents))
+        self.denoiser.set_context(context)
+        video = self.vae.decode(latents.to(models.device, models.vae.conv2.weight.dtype))
+        return video_to_uint8(video).cpu()
 
     def generate(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None,
                  clock: StageClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,10 +307,7 @@ class GenerationSession:
 
         `cond_concat` and `action`: the block's conditioning where the model takes them (Matrix-Game-2), None
         where it does not (text-to-video)."""
-        if self.closed:
-            raise RuntimeError("session is closed")
-        if self.finished:
-            raise IndexError(f"session already produced its {self.max_blocks} blocks")
+        self._check_open("another block")
         if (cond_concat is not None) != self.takes_cond or (action is not None) != (self.track is not None):
             raise ValueError("this model takes a cond_concat and an action per block" if self.takes_cond else
                              "this model (text-to-video) takes no per-block cond_concat or action")
@@ -248,6 +322,12 @@ class GenerationSession:
                 cond_concat = self._to_device(cond_concat)
             if clock is not None:
                 clock.mark("start")
+            if self.next_context is not None:
+                recache = self.denoiser.frames_cached > 0  # (before anything is cached, a switch only sets it)
+                self.denoiser.switch_context(self.next_context, self.models.global_sink)
+                self.next_context = None
+                if clock is not None and recache:
+                    clock.mark("recache")
             latents = self.denoiser.denoise(b, cond_concat, keyboard, mouse, clock=clock)
             with record_function("vae_decode"):
                 video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
@@ -268,12 +348,13 @@ class GenerationSession:
     def run_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None) -> BlockOutput:
         clock = StageClock(self.models.device)
         index = self.block_index
+        switched = self.next_context is not None and self.denoiser.frames_cached > 0
         latents, video = self.generate(cond_concat, action, clock)
         with record_function("to_host"):
             frames = video_to_uint8(video).to("cpu", non_blocking=True)
         clock.mark("to_host")
         clock.wait()  # the block's one sync: its frames are the output
-        return BlockOutput(index, frames, latents, clock.durations())
+        return BlockOutput(index, frames, latents, clock.durations(), switched)
 
     def close(self) -> None:
         """Free the session's device state (caches, decoder cache) at once; idempotent."""
