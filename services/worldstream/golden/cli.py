@@ -25,6 +25,8 @@ CHECK_MODULES = {
     "umt5_encoder": "umt5",
     "eden_pair": "eden",
     "selfforcing_t2v_blocks": "selfforcing",
+    "longlive_switch": "longlive",
+    "video_conditional": "longlive",
 }
 
 

@@ -53,13 +53,16 @@ def golden_model(t: dict[str, torch.Tensor], cfg: DiTConfig) -> CausalWanModel:
 
 
 def replay_block_loop(t: dict[str, torch.Tensor], pipe: dict, model: CausalWanModel, context: torch.Tensor,
-                      block_inputs: Callable[[int], dict], file_layout: Callable[[torch.Tensor], torch.Tensor]
-                      ) -> Pairs:
+                      block_inputs: Callable[[int], dict], file_layout: Callable[[torch.Tensor], torch.Tensor],
+                      before_block: Callable[[int, BlockDenoiser], Pairs] | None = None,
+                      output_prefix: torch.Tensor | None = None) -> Pairs:
     """Run the file's blocks through the production block loop, replaying the reference's noise draws, and pair
     the schedule, every step's tensors, each cache-update pass, block result and the output with the file's.
 
     `block_inputs(b)`: block b's per-block conditioning (`BlockDenoiser.denoise` keywords). `file_layout`: our
     [B, C, F, H, W] latents to the file's layout and back (the identity or a C/F swap: its own inverse).
+    `before_block(b, denoiser)`: what runs before block b (conditioning, a prompt switch) and its pairs;
+    `output_prefix`: latents the output starts with before the first block's (conditioning).
     """
     schedule = FlowMatchSchedule(shift=pipe["timestep_shift"])
     timesteps = schedule.warp(pipe["denoising_step_list"]) if pipe["warp_denoising_step"] \
@@ -76,8 +79,10 @@ def replay_block_loop(t: dict[str, torch.Tensor], pipe: dict, model: CausalWanMo
     pairs: Pairs = [("schedule.denoising_step_list", torch.tensor(timesteps), t["schedule.denoising_step_list"]),
                     ("schedule.sigmas", schedule.sigmas, t["schedule.sigmas"]),
                     ("schedule.timesteps", schedule.timesteps, t["schedule.timesteps"])]
-    outputs = []
+    outputs = [] if output_prefix is None else [output_prefix]
     for b in range(blocks):
+        if before_block is not None:
+            pairs += before_block(b, denoiser)
         recorded: dict[str, torch.Tensor] = {}
         latents = denoiser.denoise(b, **block_inputs(b), observe=lambda name, x: recorded.__setitem__(name, x))
         for name, value in recorded.items():
