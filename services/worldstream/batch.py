@@ -4,6 +4,10 @@ services run.
     worldstream batch --config mg2/universal_tiny --blocks 10 --out out/batch.mp4 --overlay
     worldstream batch --config mg2/universal --blocks 50 --profile out/trace.json
     worldstream batch --config selfforcing/t2v_tiny --prompt "a red fox runs through snow" --blocks 7 --out out/t2v.mp4
+    worldstream batch --config longlive/interactive_tiny --prompt "a fox in snow" --prompt "the fox dives" \
+        --switch-at 4 --blocks 8 --out out/switch.mp4
+    worldstream batch --config longlive/interactive_tiny --video clip.mp4 --prompt "what the clip shows" \
+        --prompt "what happens next" --blocks 4 --out out/continued.mp4
 
 `--profile` writes a Chrome trace (chrome://tracing, Perfetto) with nested tags: conditioning per block,
 block_<b> > data_preparation / denoise_step_<s>_t<t> / cache_update / vae_decode, and to_host.
@@ -28,9 +32,10 @@ from worldstream.client.video import VideoWriter
 
 from .engine.action_track import config_layout
 from .engine.builders import dit_config
+from .engine.clips import build_vae_encoder, conditioning_latents, conditioning_pixel_frames, decode_clip, encode_clip
 from .engine.config import config_from_args
 from .engine.encoder import EncoderModels
-from .engine.generator import DecoderModels, session_block_limit
+from .engine.generator import DecoderModels, GenerationSession, session_block_limit
 from .engine.text import build_text_encoder, check_prompt
 from .media import load_image
 
@@ -51,7 +56,10 @@ class ImageConditioning:
         self.session = self.models.open_session(self.image)
         return self.session.visual_context
 
-    def block(self, b: int) -> tuple[torch.Tensor, BlockAction]:
+    def start(self, session: GenerationSession) -> None:
+        return None
+
+    def block(self, b: int, session: GenerationSession) -> tuple[torch.Tensor, BlockAction]:
         return self.session.next_block(), self.actions[b]
 
     def close(self) -> None:
@@ -60,20 +68,42 @@ class ImageConditioning:
 
 
 class PromptConditioning:
-    """Text-to-video: the prompt's text context (UMT5), nothing per block."""
+    """Text-to-video: the prompts' text contexts (UMT5), nothing per block. The first prompt starts the session,
+    the next ones take over at their `switch_blocks` (LongLive); with `clip` (pixels, `clips.decode_clip`) the
+    session first continues the clip, described by the first prompt, under the second."""
 
-    def __init__(self, cfg: DictConfig, prompt: str):
+    def __init__(self, cfg: DictConfig, prompts: list[str], switch_blocks: list[int],
+                 clip: torch.Tensor | None = None):
         self.encoder = build_text_encoder(cfg)
-        self.prompt = prompt
+        self.prompts = prompts
+        self.switch_blocks = switch_blocks
+        self.clip_latents = None
+        if clip is not None:
+            self.clip_latents = encode_clip(build_vae_encoder(cfg), clip, int(cfg.pipeline.frames_per_block),
+                                            int(cfg.conditioning.max_latents))
+        self.contexts: list[torch.Tensor] = []
+        self.switch_to: dict[int, torch.Tensor] = {}
 
     def open(self) -> torch.Tensor:
-        encoded = self.encoder([self.prompt])
-        if encoded.truncated[0]:
-            log.warning("the prompt was truncated to %d tokens (%d dropped), as the reference truncates it",
-                        encoded.lengths[0], encoded.truncated[0])
-        return encoded.context
+        encoded = self.encoder(self.prompts)
+        for prompt, length, dropped in zip(self.prompts, encoded.lengths, encoded.truncated):
+            if dropped:
+                log.warning("the prompt %r was truncated to %d tokens (%d dropped), as the reference truncates it",
+                            prompt[:40], length, dropped)
+        self.contexts = list(encoded.context.split(1))
+        switched = self.contexts[len(self.contexts) - len(self.switch_blocks):]
+        self.switch_to = dict(zip(self.switch_blocks, switched))
+        return self.contexts[0]
 
-    def block(self, b: int) -> tuple[None, None]:
+    def start(self, session: GenerationSession) -> torch.Tensor | None:
+        """The clip's frames, as the session reconstructs them, when there is one."""
+        if self.clip_latents is None:
+            return None
+        return session.condition_on_video(self.clip_latents, self.contexts[1])
+
+    def block(self, b: int, session: GenerationSession) -> tuple[None, None]:
+        if b in self.switch_to:
+            session.switch_prompt(self.switch_to[b])
         return None, None
 
     def close(self) -> None:
@@ -97,10 +127,14 @@ def generate(cfg: DictConfig, conditioning: ImageConditioning | PromptConditioni
             context = conditioning.open()
             session = decoder_models.open_session(context, seed=seed, max_blocks=blocks)
         try:
+            with record_function("session_setup"):
+                lead = conditioning.start(session)
+            if lead is not None:
+                writer.write(lead.numpy())
             for b in range(blocks):
                 t0 = time.perf_counter()
                 with record_function("conditioning"):
-                    cond, action = conditioning.block(b)
+                    cond, action = conditioning.block(b, session)
                 result = session.run_block(cond, action)
                 latencies.append(time.perf_counter() - t0)
                 first_frame = first_frame or time.perf_counter() - started
@@ -112,7 +146,7 @@ def generate(cfg: DictConfig, conditioning: ImageConditioning | PromptConditioni
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile_path))
     total = time.perf_counter() - started
-    frames = decoder_models.layout.track_frames(blocks)
+    frames = writer.frames_written
     return {"blocks": blocks, "frames": frames, "seconds": total, "fps": frames / total,
             "time_to_first_frame": first_frame or 0.0, "mean_block_latency": sum(latencies) / len(latencies)}
 
@@ -143,16 +177,43 @@ def _conditioning(cfg: DictConfig, args: argparse.Namespace,
     """Check the flags against what the config's model takes (a prompt, or an image and actions) before any model
     is loaded; returns what builds the session's conditioning."""
     if dit_config(cfg).text_dim is not None:
-        if args.prompt is None:
+        if not args.prompt:
             raise ValueError(f"{args.config} is a text-to-video config: give --prompt")
         if args.trajectory or args.overlay:
             raise ValueError(f"{args.config} is a text-to-video config: it takes no actions (--trajectory, --overlay)")
-        check_prompt(args.prompt)
-        return functools.partial(PromptConditioning, cfg, args.prompt)
-    if args.prompt is not None:
-        raise ValueError(f"{args.config} generates from an image and actions, not a prompt: drop --prompt or use a "
-                         "text-to-video config such as selfforcing/t2v_tiny")
+        for prompt in args.prompt:
+            check_prompt(prompt)
+        switch_blocks = args.switch_at or []
+        _check_switches(cfg, args, blocks, switch_blocks)
+        clip = None
+        if args.video is not None:
+            clip = decode_clip(args.video, int(cfg.video.fps), int(cfg.video.height), int(cfg.video.width),
+                               conditioning_pixel_frames(int(cfg.conditioning.max_latents)))
+            conditioning_latents(clip.shape[2], int(cfg.pipeline.frames_per_block), int(cfg.conditioning.max_latents))
+        return functools.partial(PromptConditioning, cfg, args.prompt, switch_blocks, clip)
+    if args.prompt or args.switch_at or args.video:
+        raise ValueError(f"{args.config} generates from an image and actions, not prompts: drop --prompt, "
+                         "--switch-at and --video or use a text-to-video config such as selfforcing/t2v_tiny")
     space, layout = get_action_space(str(cfg.mode)), config_layout(cfg)
     trajectory = load_trajectory(args.trajectory, space, layout) if args.trajectory else None
     actions = planned_actions(space, layout, blocks, trajectory, args.benchmark_seed)
     return functools.partial(ImageConditioning, cfg, args.image, actions)
+
+
+def _check_switches(cfg: DictConfig, args: argparse.Namespace, blocks: int, switch_blocks: list[int]) -> None:
+    """The prompts fit the session: one (two with --video: the clip's, then the video's), plus one per switch."""
+    video = args.video is not None
+    if video and "conditioning" not in cfg:
+        raise ValueError(f"{args.config} does not continue videos (--video); use a LongLive config such as "
+                         "longlive/interactive_tiny")
+    expected = 1 + video + len(switch_blocks)
+    if len(args.prompt) != expected:
+        raise ValueError(f"{len(args.prompt)} --prompt for {len(switch_blocks)} --switch-at"
+                         + (" and --video" if video else "") + f": give {expected} (one"
+                         + (" for the clip, one for what follows" if video else "") + " plus one per switch)")
+    if switch_blocks and "global_sink" not in cfg.pipeline:
+        raise ValueError(f"{args.config} cannot switch prompts (--switch-at); use a LongLive config such as "
+                         "longlive/interactive_tiny")
+    if switch_blocks != sorted(set(switch_blocks)) or not all(0 < b < blocks for b in switch_blocks):
+        raise ValueError(f"--switch-at {' '.join(map(str, switch_blocks))}: give increasing block indices in "
+                         f"[1, {blocks - 1}], one per prompt after the first")

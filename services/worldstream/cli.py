@@ -93,8 +93,13 @@ def run_client(argv: list[str]) -> int:
 def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--image", type=Path, default=DEMO_IMAGE, help="first frame (PNG/JPEG)")
-    parser.add_argument("--prompt", help="text-to-video configs (selfforcing/...): the video to generate, in words "
-                                         "(instead of --image and actions)")
+    parser.add_argument("--prompt", action="append", help="text-to-video configs (selfforcing/..., longlive/...): "
+                        "the video to generate, in words (instead of --image and actions); LongLive: repeat it, "
+                        "one per --switch-at after the first (and one before them for the --video clip)")
+    parser.add_argument("--switch-at", action="append", type=int, metavar="BLOCK",
+                        help="LongLive: the block from which the next --prompt takes over (repeatable)")
+    parser.add_argument("--video", type=Path, help="LongLive: a clip to continue (its first frames at the config's "
+                                                   "fps, cached under the first --prompt; the next one follows)")
     parser.add_argument("--blocks", type=int, help="blocks to generate (9 frames, then 12 each; default 10, or "
                                                    "fewer where the config's sessions are shorter)")
     source = parser.add_mutually_exclusive_group()
