@@ -132,7 +132,7 @@ class Script:
     """The messages of one call (serialized, as on the wire) and what they should do."""
     messages: list[bytes]
     valid: bool  # every message valid by construction: the call must succeed
-    lockstep: bool = True
+    lockstep: bool = True  # the start's pacing (what a valid script's blocks are checked against)
     actions: list[session_pb2.Action] = field(default_factory=list)  # the valid actions, in order
 
 
@@ -221,7 +221,7 @@ def first_messages(draw) -> Script:
         start, valid = draw(starts())
         message = request(start=start)
         if kind == "start":
-            return Script([message], valid)
+            return Script([message], valid, start.pacing != session_pb2.PACING_REALTIME)
         return Script([mutated(message, draw)], False)
     if kind == "other":
         return Script([draw(st.sampled_from([STOP, b""])) if draw(st.booleans())
@@ -396,7 +396,9 @@ def check_responses(script: Script, outcome: Outcome) -> None:
     else:
         assert outcome.code != Code.OK, "a call ended OK without `end`"
     if script.valid and script.lockstep:
-        assert [block.action for block in blocks] == script.actions, "blocks do not echo the actions sent"
+        assert [block.action for block in blocks] == script.actions, (
+            f"blocks do not echo the actions sent: {len(blocks)} blocks for {len(script.actions)} actions, "
+            f"{session_pb2.Pacing.Name(info.pacing)}, responses {kinds}")
 
 
 # ---- session API ----------------------------------------------------------------------------------------------
