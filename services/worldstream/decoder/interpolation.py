@@ -28,18 +28,19 @@ from ..engine.interpolation import (FACTORS, PAYLOADS, ClipInterpolation, check_
                                     payload_tokens)
 from ..media import encode_jpeg
 from ..models.eden import PairGeometry
-from ..serving.aio import Requests, WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
 from ..serving.bootstrap import Service
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
 from ..serving.security import client_security_from_args
+from ..serving.streams import StreamSlots, opening_request
 from worldstream.v1 import interpolation_pb2, interpolation_pb2_grpc, pair_encoder_pb2, session_pb2
+from .requests import parse_frame_output, require_start
 
 log = logging.getLogger("worldstream.decoder")
 
 SERVICE_NAME = interpolation_pb2.DESCRIPTOR.services_by_name["FrameInterpolationService"].full_name
-DEFAULT_JPEG_QUALITY = 85
 OUTBOX_BATCHES = 2  # finished batches waiting for encoding/sending before the producer pauses
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -73,13 +74,7 @@ def parse_start(start: interpolation_pb2.InterpolateStart, interpolator: EdenInt
     if start.batch > limit:
         raise ServiceError(_INVALID, f"batch of {start.batch} pairs exceeds this server's limit of {limit} pairs per "
                                      f"forward; send 1 to {limit} (0 = {limit})")
-    encoding = start.frame_encoding or session_pb2.FRAME_ENCODING_JPEG
-    if encoding not in (session_pb2.FRAME_ENCODING_JPEG, session_pb2.FRAME_ENCODING_RAW_RGB):
-        raise ServiceError(_INVALID, f"unknown frame_encoding {start.frame_encoding}; use JPEG or RAW_RGB")
-    quality = start.jpeg_quality or DEFAULT_JPEG_QUALITY
-    if quality > 100:
-        raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100] (0 = {DEFAULT_JPEG_QUALITY}), got "
-                                     f"{start.jpeg_quality}")
+    encoding, quality = parse_frame_output(start)
     return ClipOptions(start.height, start.width, factor, start.batch or limit, frame_format, encoding, quality,
                        start.seed, payload)
 
@@ -93,15 +88,15 @@ class InterpolationService(interpolation_pb2_grpc.FrameInterpolationServiceServi
         self.cfg = cfg
         self.encoder = encoder
         self.metrics = metrics
-        self.max_streams = max_streams
+        self.slots = StreamSlots("decoder", max_streams, metrics,
+                                 full="this decoder interpolates {limit} clips at most and all are busy; retry later "
+                                      "or connect to another replica")
         self.idle_timeout = idle_timeout
         self.warm_up = warm_up
         self.default_payload = payload
         self.payload_jpeg_quality = int(cfg.transfer.jpeg_quality)
         self.frame_pool = concurrent.futures.ThreadPoolExecutor(frame_workers, thread_name_prefix="frames")
         self.interpolator: EdenInterpolator | None = None
-        self.streams = 0
-        self.terminating = False
 
     async def load(self) -> None:
         """Build (and warm up) the model off the event loop; NOT_SERVING meanwhile."""
@@ -116,36 +111,22 @@ class InterpolationService(interpolation_pb2_grpc.FrameInterpolationServiceServi
                   default_payload=self.default_payload, seconds=round(time.perf_counter() - started, 3))
 
     async def terminate(self) -> None:
-        """Refuse new clips; running ones continue until the server's grace period ends."""
-        self.terminating = True
+        await self.slots.terminate()
 
     async def Interpolate(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         await run_call(self._interpolate(Requests(context), context), context, self.metrics, log, "Interpolate")
 
     async def _interpolate(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        if self.interpolator is None or self.terminating:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decoder is loading its models or shutting down; "
-                                                            "retry shortly")
+        self.slots.check_open(loaded=self.interpolator is not None)
         received = time.perf_counter()
-        first = await first_request(requests, self.idle_timeout, "a `start` request")
-        self.metrics.bytes_received.inc(first.ByteSize())
-        if first.WhichOneof("request") != "start":
-            raise ServiceError(_INVALID, f"the first message must be `start`, got "
-                                         f"`{first.WhichOneof('request') or 'an empty request'}`")
-        options = parse_start(first.start, self.interpolator, self.default_payload)
-        if self.streams >= self.max_streams:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"this decoder interpolates {self.max_streams} clips at most and all are busy; retry "
-                               "later or connect to another replica")
-        self.streams += 1
-        self.metrics.sessions_active.inc()
-        clip = _Clip(self, options, context, received)
-        try:
-            await clip.run(requests)
-        finally:
-            await clip.release()
-            self.streams -= 1
-            self.metrics.sessions_active.dec()
+        first = await opening_request(requests, self.idle_timeout, self.metrics, "a `start` request")
+        options = parse_start(require_start(first), self.interpolator, self.default_payload)
+        with self.slots.slot():
+            clip = _Clip(self, options, context, received)
+            try:
+                await clip.run(requests)
+            finally:
+                await clip.release()
 
 
 @dataclass

@@ -9,6 +9,7 @@ from the header, on a worker thread: it may be 32 MiB.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -85,6 +86,28 @@ def parse_request(raw: bytes, number: int) -> session_pb2.SessionRequest:
                                      "(truncated or corrupt protobuf)") from None
 
 
+def require_start(request: Any) -> Any:
+    """The `start` of a client's first message (any public API's request with a `request` oneof);
+    INVALID_ARGUMENT otherwise."""
+    if request.WhichOneof("request") != "start":
+        raise ServiceError(_INVALID, f"the first message must be `start`, got "
+                                     f"`{request.WhichOneof('request') or 'an empty request'}`")
+    return request.start
+
+
+def parse_frame_output(start: Any) -> tuple[int, int]:
+    """The frame_encoding and jpeg_quality a start asks for (any public API's start with these two fields),
+    defaults filled in; INVALID_ARGUMENT if out of range."""
+    encoding = start.frame_encoding or session_pb2.FRAME_ENCODING_JPEG
+    if encoding not in (session_pb2.FRAME_ENCODING_JPEG, session_pb2.FRAME_ENCODING_RAW_RGB):
+        raise ServiceError(_INVALID, f"unknown frame_encoding {start.frame_encoding}; use JPEG or RAW_RGB")
+    quality = start.jpeg_quality or DEFAULT_JPEG_QUALITY
+    if quality > 100:
+        raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100] (0 = {DEFAULT_JPEG_QUALITY}), got "
+                                     f"{start.jpeg_quality}")
+    return encoding, quality
+
+
 @dataclass(frozen=True)
 class StartOptions:
     mode: str
@@ -99,11 +122,7 @@ class StartOptions:
 def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
     """Parse the first message and check it against what this server runs, the image from its header; a
     ServiceError(INVALID_ARGUMENT) says what to fix. An empty mode means the server's. Runs on a worker thread."""
-    request = parse_request(raw, 1)
-    if request.WhichOneof("request") != "start":
-        raise ServiceError(_INVALID, f"the first message must be `start`, got "
-                                     f"`{request.WhichOneof('request') or 'an empty request'}`")
-    start = request.start
+    start = require_start(parse_request(raw, 1))
     mode = start.mode or models.mode
     if mode not in ACTION_SPACES:
         raise ServiceError(_INVALID, f"unknown mode {echo(start.mode)}; Matrix-Game-2 modes are "
@@ -122,13 +141,7 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
     if max_blocks > models.max_blocks:
         raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
                                      f"{models.max_blocks} blocks")
-    encoding = start.frame_encoding or session_pb2.FRAME_ENCODING_JPEG
-    if encoding not in (session_pb2.FRAME_ENCODING_JPEG, session_pb2.FRAME_ENCODING_RAW_RGB):
-        raise ServiceError(_INVALID, f"unknown frame_encoding {start.frame_encoding}; use JPEG or RAW_RGB")
-    quality = start.jpeg_quality or DEFAULT_JPEG_QUALITY
-    if quality > 100:
-        raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100] (0 = {DEFAULT_JPEG_QUALITY}), got "
-                                     f"{start.jpeg_quality}")
+    encoding, quality = parse_frame_output(start)
     pacing = start.pacing or session_pb2.PACING_LOCKSTEP
     if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
         raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")

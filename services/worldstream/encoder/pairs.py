@@ -21,12 +21,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ..engine.eden import build_eden_patchify, check_frame_size
 from ..engine.interpolation import DEFAULT_PAYLOAD_JPEG_QUALITY, decode_frame, encode_payload
 from ..models.eden import EdenPatchify
-from ..serving.aio import Requests, WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
+from ..serving.streams import opening_request, require_kind
 from ..wire import pack_tensors
 from worldstream.v1 import encoder_pb2_grpc, interpolation_pb2, pair_encoder_pb2
+from .server import encoder_slots
 
 log = logging.getLogger("worldstream.encoder")
 
@@ -66,14 +68,12 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
             raise ValueError("need max_streams >= 1")
         self.cfg = cfg
         self.metrics = metrics
-        self.max_streams = max_streams
+        self.slots = encoder_slots(max_streams, metrics)
         self.idle_timeout = idle_timeout
         self.warm_up = warm_up
         self.max_pairs = int(cfg.limits.max_pairs)
         self.max_pixels = int(cfg.limits.max_pixels)
         self.patchify: EdenPatchify | None = None
-        self.streams = 0
-        self.terminating = False
 
     async def load(self) -> None:
         """Build (and warm up) the cond layers off the event loop; NOT_SERVING meanwhile."""
@@ -88,8 +88,7 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
                   seconds=round(time.perf_counter() - started, 3))
 
     async def terminate(self) -> None:
-        """Refuse new streams; running ones continue until the server's grace period ends."""
-        self.terminating = True
+        await self.slots.terminate()
 
     async def Encode(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         async def refuse() -> None:
@@ -102,27 +101,15 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         await run_call(self._encode_pairs(Requests(context), context), context, self.metrics, log, "EncodePairs")
 
     async def _encode_pairs(self, requests, context: grpc.aio.ServicerContext) -> None:
-        if self.patchify is None or self.terminating:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the encoder is loading its models or shutting "
-                                                            "down; retry shortly")
-        first = await first_request(requests, self.idle_timeout, "a `start` request")
-        self.metrics.bytes_received.inc(first.ByteSize())
-        if first.WhichOneof("request") != "start":
-            raise ServiceError(_INVALID, f"the first request must be `start`, got "
-                                         f"`{first.WhichOneof('request') or 'nothing'}`")
-        stream = _PairStream(self, self._checked(first.start), context)
-        if self.streams >= self.max_streams:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the encoder serves {self.max_streams} streams at most; retry later or add "
-                               "encoder replicas")
-        self.streams += 1
-        self.metrics.sessions_active.inc()
-        try:
-            await run_together(stream.send_all(), stream.read(requests))
-        finally:
-            stream.close()
-            self.streams -= 1
-            self.metrics.sessions_active.dec()
+        self.slots.check_open(loaded=self.patchify is not None)
+        first = await opening_request(requests, self.idle_timeout, self.metrics, "a `start` request")
+        options = self._checked(require_kind(first, "start"))
+        with self.slots.slot():
+            stream = _PairStream(self, options, context)
+            try:
+                await run_together(stream.send_all(), stream.read(requests))
+            finally:
+                stream.close()
 
     def _checked(self, start: pair_encoder_pb2.PairStreamStart) -> StreamOptions:
         try:

@@ -18,11 +18,12 @@ from torch.profiler import record_function
 
 from ..engine.encoder import EncoderModels
 from ..media import load_image
-from ..serving.aio import Requests, WorkerLane, first_request, run_call, run_together, within, write_with_timeout
+from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
 from ..serving.profiling import StreamProfiler
+from ..serving.streams import StreamSlots, opening_request, require_kind
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import pack_tensor
 
@@ -32,6 +33,12 @@ SERVICE_NAME = encoder_pb2.DESCRIPTOR.services_by_name["ConditionEncoderService"
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
+def encoder_slots(max_streams: int, metrics: ServiceMetrics) -> StreamSlots:
+    """The stream admission of an encoder service (this one, or `pairs.PairEncoderService`)."""
+    return StreamSlots("encoder", max_streams, metrics,
+                       full="the encoder serves {limit} streams at most; retry later or add encoder replicas")
+
+
 class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
     def __init__(self, cfg: Any, metrics: ServiceMetrics, *, max_streams: int = 64, prefetch: int = 2,
                  idle_timeout: float = 300.0, warmup_blocks: int = 2, profile_dir: Path | None = None):
@@ -39,14 +46,12 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
             raise ValueError("need prefetch >= 0 and max_streams >= 1")
         self.cfg = cfg
         self.metrics = metrics
-        self.max_streams = max_streams
+        self.slots = encoder_slots(max_streams, metrics)
         self.prefetch = prefetch
         self.idle_timeout = idle_timeout
         self.warmup_blocks = warmup_blocks
         self.profiler = StreamProfiler(profile_dir, log)
         self.models: EncoderModels | None = None
-        self.streams = 0
-        self.terminating = False
 
     async def load(self) -> None:
         """Build and warm up the models off the event loop (the health service reports NOT_SERVING meanwhile)."""
@@ -59,36 +64,22 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
                   warmup_blocks=self.warmup_blocks, seconds=round(time.perf_counter() - started, 3))
 
     async def terminate(self) -> None:
-        """Refuse new streams; running ones continue until the server's grace period ends."""
-        self.terminating = True
+        await self.slots.terminate()
 
     async def Encode(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         await run_call(self._encode(Requests(context), context), context, self.metrics, log, "Encode")
 
     async def _encode(self, requests, context: grpc.aio.ServicerContext) -> None:
-        if self.models is None or self.terminating:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the encoder is loading its models or shutting "
-                                                            "down; retry shortly")
-        first = await first_request(requests, self.idle_timeout, "an `image` request")
-        self.metrics.bytes_received.inc(first.ByteSize())
-        if first.WhichOneof("request") != "image":
-            raise ServiceError(_INVALID, f"the first request must be `image`, got "
-                                         f"`{first.WhichOneof('request') or 'nothing'}`")
-        request = first.image
+        self.slots.check_open(loaded=self.models is not None)
+        first = await opening_request(requests, self.idle_timeout, self.metrics, "an `image` request")
+        request = require_kind(first, "image")
         self._check(request)
-        if self.streams >= self.max_streams:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the encoder serves {self.max_streams} streams at most; retry later or add "
-                               "encoder replicas")
-        self.streams += 1
-        self.metrics.sessions_active.inc()
-        stream = _EncodeStream(self, request, context)
-        try:
-            await run_together(stream.send_all(), stream.read_credits(requests))
-        finally:
-            stream.close()
-            self.streams -= 1
-            self.metrics.sessions_active.dec()
+        with self.slots.slot():
+            stream = _EncodeStream(self, request, context)
+            try:
+                await run_together(stream.send_all(), stream.read_credits(requests))
+            finally:
+                stream.close()
 
     def _check(self, request: encoder_pb2.ImageConditionRequest) -> None:
         models = self.models
