@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -97,19 +99,25 @@ class EncoderClient:
                    spec: ConditionSpec) -> ConditionFeed:
         """Open the Encode stream of a session and wait for the encoder to accept the image; the stream must
         deliver the tensors of `spec`."""
+        request = encoder_pb2.ImageConditionRequest(
+            session_id=session_id, mode=mode, image=image, height=height, width=width, max_blocks=max_blocks,
+            initial_credits=min(self.window, max_blocks), accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
+        return await self._started(
+            lambda: ConditionFeed(self, self._stub.Encode(metadata=self._metadata), max_blocks,
+                                  request.initial_credits, spec), request)
+
+    async def _started(self, new_feed: Callable[[], F], *start: Any) -> F:
+        """A new stream's feed, once the encoder accepted its start. The channel must connect first (UNAVAILABLE
+        after `connect_timeout`); a feed whose start fails (or is cancelled) is closed."""
         try:
             await within(self._channel.channel_ready(), self.connect_timeout)
         except asyncio.TimeoutError:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                f"the encoder service at {self.address} is not reachable (waited "
                                f"{self.connect_timeout:g} s); it may be restarting, retry shortly") from None
-        request = encoder_pb2.ImageConditionRequest(
-            session_id=session_id, mode=mode, image=image, height=height, width=width, max_blocks=max_blocks,
-            initial_credits=min(self.window, max_blocks), accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
-        feed = ConditionFeed(self, self._stub.Encode(metadata=self._metadata), max_blocks, request.initial_credits,
-                             spec)
+        feed = new_feed()
         try:
-            await feed.start(request)
+            await feed.start(*start)
         except BaseException:
             feed.close()
             raise
@@ -119,14 +127,65 @@ class EncoderClient:
         await self._channel.close()
 
 
-class ConditionFeed:
+class EncoderStream:
+    """What the decoder's streams to the encoder share: the start (the opening request, then the encoder's
+    `ready` within the request timeout), the status of a failure meanwhile, and the end."""
+
+    def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, name: str):
+        self.client = client
+        self.call = call
+        self.name = name  # what the messages call it ("stream", "pair stream")
+        self._reader: asyncio.Task | None = None
+
+    async def _ready(self, request: Any) -> Any:
+        """Send the opening request; the encoder's `ready` (the response's field)."""
+        try:
+            await self.call.write(request)
+            first = await within(self.call.read(), self.client.request_timeout)
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder at {self.client.address} did not answer "
+                                                            f"within {self.client.request_timeout:g} s") from None
+        except Exception as e:
+            raise await self._opening_failure(e) from None
+        if first is grpc.aio.EOF or first.WhichOneof("response") != "ready":
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder did not start its {self.name} with `ready`")
+        return first.ready
+
+    async def _opening_failure(self, error: Exception) -> ServiceError:
+        """The status of a failure while the encoder considers the opening request: its own (the request is
+        invalid, it is full, ...) as `_refusal` maps it. A write to a call that has ended raises
+        asyncio.InvalidStateError, not the status: then the status is the call's."""
+        what = f"encoder service at {self.client.address}"
+        if not isinstance(error, grpc.RpcError) and self.call.done():
+            code, details = await self.call.code(), await self.call.details()
+            if code != grpc.StatusCode.OK:
+                error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+        if isinstance(error, grpc.RpcError):
+            return self._refusal(error, what)
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the {what} failed ({type(error).__name__}: {error}); "
+                                                         "retry later")
+
+    def _refusal(self, error: grpc.RpcError, what: str) -> ServiceError:
+        """The status of the encoder's refusal to open the stream."""
+        return status_from_rpc_error(error, what)
+
+    def close(self) -> None:
+        """End the stream (the encoder frees its state)."""
+        if self._reader is not None:
+            self._reader.cancel()
+        self.call.cancel()
+
+
+F = TypeVar("F", bound=EncoderStream)
+
+
+class ConditionFeed(EncoderStream):
     """The condition tensors of one session as they arrive: `visual_context()` once, then `block(b)` in order.
     Taking block b grants the encoder one more credit, so it stays `window` blocks ahead of the session."""
 
     def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, max_blocks: int, credits: int,
                  spec: ConditionSpec):
-        self.client = client
-        self.call = call
+        super().__init__(client, call, "stream")
         self.max_blocks = max_blocks
         self.spec = spec
         self._granted = credits  # blocks the encoder may have sent so far
@@ -135,36 +194,12 @@ class ConditionFeed:
         self._blocks: dict[int, torch.Tensor] = {}
         self._failure: ServiceError | None = None
         self._changed = asyncio.Condition()
-        self._reader: asyncio.Task | None = None
         self._opened_at = 0.0
 
     async def start(self, request: encoder_pb2.ImageConditionRequest) -> None:
         self._opened_at = time.perf_counter()
-        try:
-            await self.call.write(encoder_pb2.EncodeRequest(image=request))
-            first = await within(self.call.read(), self.client.request_timeout)
-        except asyncio.TimeoutError:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder at {self.client.address} did not answer "
-                                                            f"within {self.client.request_timeout:g} s") from None
-        except Exception as e:
-            raise await self._opening_failure(e) from None
-        if first is grpc.aio.EOF or first.WhichOneof("response") != "ready":
-            raise ServiceError(grpc.StatusCode.INTERNAL, "the encoder did not start its stream with `ready`")
+        await self._ready(encoder_pb2.EncodeRequest(image=request))
         self._reader = asyncio.create_task(self._read())
-
-    async def _opening_failure(self, error: Exception) -> ServiceError:
-        """The status of a failure while the encoder considers the image: its own (the image is invalid, it is
-        full, ...) as `status_from_rpc_error` maps it. A write to a call that has ended raises
-        asyncio.InvalidStateError, not the status: then the status is the call's."""
-        what = f"encoder service at {self.client.address}"
-        if not isinstance(error, grpc.RpcError) and self.call.done():
-            code, details = await self.call.code(), await self.call.details()
-            if code != grpc.StatusCode.OK:
-                error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-        if isinstance(error, grpc.RpcError):
-            return status_from_rpc_error(error, what)
-        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the {what} failed ({type(error).__name__}: {error}); "
-                                                         "retry later")
 
     def _stream_failure(self, error: Exception) -> ServiceError:
         """The status of any failure of a running stream: UNAVAILABLE (the encoder crashed, restarted, shut down
@@ -285,9 +320,3 @@ class ConditionFeed:
             async with self._changed:
                 self._failure = self._failure or self._stream_failure(e)
                 self._changed.notify_all()
-
-    def close(self) -> None:
-        """End the stream (the encoder frees the session's state)."""
-        if self._reader is not None:
-            self._reader.cancel()
-        self.call.cancel()

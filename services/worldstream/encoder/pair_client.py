@@ -19,10 +19,10 @@ import torch
 from ..engine.interpolation import TensorSpec, payload_spec
 from ..models.eden import EdenConfig, PairGeometry
 from ..serving.aio import within
-from ..serving.errors import ServiceError, status_from_rpc_error
+from ..serving.errors import ServiceError
 from ..wire import TensorAssembler, WireFormatError
 from worldstream.v1 import interpolation_pb2, pair_encoder_pb2
-from .client import EncoderClient
+from .client import EncoderClient, EncoderStream
 from .pairs import payload_name, payload_value
 
 
@@ -42,31 +42,18 @@ class PairEncoderClient(EncoderClient):
 
     async def open_pairs(self, start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig) -> PairFeed:
         """Open the EncodePairs stream of a clip and wait for the encoder's `ready`."""
-        try:
-            await within(self._channel.channel_ready(), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                               f"the encoder service at {self.address} is not reachable (waited "
-                               f"{self.connect_timeout:g} s); it may be restarting, retry shortly") from None
-        feed = PairFeed(self, self._stub.EncodePairs(metadata=self._metadata), start, cfg)
-        try:
-            await feed.start()
-        except BaseException:
-            feed.close()
-            raise
-        return feed
+        return await self._started(lambda: PairFeed(self, self._stub.EncodePairs(metadata=self._metadata), start,
+                                                    cfg), start)
 
 
-class PairFeed:
+class PairFeed(EncoderStream):
     """The payloads of one clip's batches as they arrive (`batch(b)`, in order), and the clip's frames on their way
     to the encoder (`send_frame`, `finish`). Taking batch b grants one more batch of credit: the encoder then
     receives the frames of batch b + window."""
 
     def __init__(self, client: PairEncoderClient, call: grpc.aio.StreamStreamCall,
                  start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig):
-        self.client = client
-        self.call = call
-        self.start_message = start
+        super().__init__(client, call, "pair stream")
         self.batch_size = start.batch
         self.payload = payload_name(start.payload)
         self.geometry = PairGeometry(start.height, start.width, cfg.patch_size)
@@ -79,37 +66,19 @@ class PairFeed:
         self._failure: ServiceError | None = None
         self._changed = asyncio.Condition()
         self._writing = asyncio.Lock()  # frames and credits share the request stream
-        self._reader: asyncio.Task | None = None
 
-    async def start(self) -> None:
-        try:
-            await self.call.write(pair_encoder_pb2.EncodePairsRequest(start=self.start_message))
-            first = await within(self.call.read(), self.client.request_timeout)
-        except asyncio.TimeoutError:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder at {self.client.address} did not answer "
-                                                            f"within {self.client.request_timeout:g} s") from None
-        except Exception as e:
-            raise await self._opening_failure(e) from None
-        if first is grpc.aio.EOF or first.WhichOneof("response") != "ready":
-            raise ServiceError(grpc.StatusCode.INTERNAL, "the encoder did not start its pair stream with `ready`")
-        if (first.ready.payload, first.ready.batch) != (payload_value(self.payload), self.batch_size):
-            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder's pair stream has payload {first.ready.payload} "
-                                                         f"and batch {first.ready.batch}, not what was asked")
+    async def start(self, start: pair_encoder_pb2.PairStreamStart) -> None:
+        ready = await self._ready(pair_encoder_pb2.EncodePairsRequest(start=start))
+        if (ready.payload, ready.batch) != (payload_value(self.payload), self.batch_size):
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder's pair stream has payload {ready.payload} "
+                                                         f"and batch {ready.batch}, not what was asked")
         self._reader = asyncio.create_task(self._read())
 
-    async def _opening_failure(self, error: Exception) -> ServiceError:
-        what = f"encoder service at {self.client.address}"
-        if not isinstance(error, grpc.RpcError) and self.call.done():
-            code, details = await self.call.code(), await self.call.details()
-            if code != grpc.StatusCode.OK:
-                error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-        if isinstance(error, grpc.RpcError):
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return ServiceError(grpc.StatusCode.INTERNAL, f"the {what} does not serve frame pairs: run it with "
-                                                              "this decoder's (eden) config")
-            return status_from_rpc_error(error, what)
-        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the {what} failed ({type(error).__name__}: {error}); "
-                                                         "retry later")
+    def _refusal(self, error: grpc.RpcError, what: str) -> ServiceError:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return ServiceError(grpc.StatusCode.INTERNAL, f"the {what} does not serve frame pairs: run it with this "
+                                                          "decoder's (eden) config")
+        return super()._refusal(error, what)
 
     # -- towards the encoder --
 
@@ -270,9 +239,3 @@ class PairFeed:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WireFormatError(f"tensor {spec.name!r} holds NaN or infinite values")
         return tensor, size
-
-    def close(self) -> None:
-        """End the stream (the encoder frees its state)."""
-        if self._reader is not None:
-            self._reader.cancel()
-        self.call.cancel()
