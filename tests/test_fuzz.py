@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
 from service_harness import (CONFIG, SMALL_FRAMES, health_status, metric_value, png_bytes, running_services,
@@ -321,9 +321,9 @@ def client(services):
 
 @pytest.fixture(scope="module")
 def baseline(services, client):
-    """The services' threads as started, and their RSS after a warm-up that reaches every code path once (sessions run, rejected
-    starts, the largest message accepted and one refused) and runs short sessions back to back, as the fuzz
-    does (the encoder's memory grows with the streams it has in flight, up to a level: see docs/reliability.md)."""
+    """The services' threads as started, and their RSS after a warm-up that reaches every code path once (sessions
+    run, rejected starts, the largest message accepted and one refused) and runs short sessions back to back, as the
+    fuzz does (the encoder's memory grows with the streams it has in flight, up to a level: docs/reliability.md)."""
     warm_up = [[request(start=session_pb2.StartSession(image=picture((48, 80), "PNG"), max_blocks=2)),
                 request(action=session_pb2.Action()), request(action=session_pb2.Action(keys=["left"]))],
                [request(start=session_pb2.StartSession(mode="doom"))],
@@ -522,8 +522,15 @@ def chunk_streams(draw) -> tuple[list[tensor_pb2.TensorChunk], Spec | None]:
     return chunks, expected
 
 
+# Found by the fuzz: a tensor starting inside another, with a long name.
+RESTART_WITH_LONG_NAME = [next(pack_tensor("x", torch.zeros(2), 4)),
+                          tensor_pb2.TensorChunk(name="n" * 4096, dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1],
+                                                 total_bytes=4, data=b"1234")]
+
+
 @fuzz_settings(800)
 @given(chunk_streams())
+@example((RESTART_WITH_LONG_NAME, None))
 def test_wire_rejects_or_decodes_consistently(stream):
     """A chunk stream decodes into tensors that match their header (and what the receiver expects), or raises a
     WireFormatError with a short message. Memory stays within the receiver's cap plus the bytes received (and
