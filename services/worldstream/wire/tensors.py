@@ -143,7 +143,7 @@ class TensorAssembler:
             if self._pending is not None:
                 raise WireFormatError(f"tensor {self._pending.name!r} is incomplete "
                                       f"({self._pending.received} of {len(self._pending.buffer)} bytes) but a "
-                                      f"new tensor {chunk.name!r} started")
+                                      f"new tensor {chunk.name[:MAX_NAME_BYTES]!r} started")  # unchecked yet
             self._pending = self._start(chunk)
         else:
             self._continue(chunk)
