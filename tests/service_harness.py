@@ -60,11 +60,11 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> int 
 
 @contextlib.contextmanager
 def running_services(log_dir: Path, decoder_args: list[str] = (), encoder_args: list[str] = (),
-                     warmup_blocks: int = 0) -> Iterator[ServiceStack]:
-    """Start an encoder and a decoder on free loopback ports; stop both (SIGTERM) at the end. No warm-up by
-    default: it only costs test time."""
+                     warmup_blocks: int = 0, config: str = CONFIG) -> Iterator[ServiceStack]:
+    """Start an encoder and a decoder of `config` on free loopback ports; stop both (SIGTERM) at the end. No
+    warm-up by default: it only costs test time."""
     warmup = ["--warmup-blocks", str(warmup_blocks)]
-    with ServiceStack(CONFIG, log_dir, encoder_args=[*encoder_args, *warmup],
+    with ServiceStack(config, log_dir, encoder_args=[*encoder_args, *warmup],
                       decoder_args=[*decoder_args, *warmup], startup_timeout=90.0) as services:
         yield services
 

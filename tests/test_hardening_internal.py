@@ -301,10 +301,10 @@ class HostileEncoder(encoder_pb2_grpc.ConditionEncoderServiceServicer):
                 for chunk in pack_tensor(name, tensor)]
 
     def visual_context(self) -> list[encoder_pb2.EncodeResponse]:
-        return self.tensor(VISUAL, 0, torch.zeros(self.spec.visual_context, dtype=self.spec.dtype))
+        return self.tensor(VISUAL, 0, torch.zeros(self.spec.shapes["visual_context"], dtype=self.spec.dtype))
 
     def block(self, b: int) -> list[encoder_pb2.EncodeResponse]:
-        return self.tensor(COND, b, torch.zeros(self.spec.cond_concat, dtype=self.spec.dtype))
+        return self.tensor(COND, b, torch.zeros(self.spec.shapes["cond_concat"], dtype=self.spec.dtype))
 
 
 def hold(context: grpc.ServicerContext) -> Iterator[encoder_pb2.EncodeResponse]:
@@ -342,7 +342,7 @@ def test_header_claiming_a_huge_tensor_is_refused_before_allocating(hostile):
     """A cond_concat header claiming 200 MB (a shape other than the session's) fails the session at once with
     INTERNAL; the decoder reserves nothing for it."""
     encoder, address, decoder = hostile
-    channels, time_frames, height, width = encoder.spec.cond_concat[1:]
+    channels, time_frames, height, width = encoder.spec.shapes["cond_concat"][1:]
     scale = math.isqrt((200 << 20) // (4 * channels * time_frames * height * width))
     shape = [1, channels, time_frames, height * scale, width * scale]
 
@@ -357,7 +357,7 @@ def test_header_claiming_a_huge_tensor_is_refused_before_allocating(hostile):
     rss_before = process_rss(decoder.process.pid)
     blocks, error, seconds = play_until_error(address, 2)
     assert error is not None and error.code() == Code.INTERNAL, error
-    assert "expected" in error.details() and str(list(encoder.spec.cond_concat)) in error.details()
+    assert "expected" in error.details() and str(list(encoder.spec.shapes["cond_concat"])) in error.details()
     assert blocks == 0 and seconds < 15
     assert process_rss(decoder.process.pid) - rss_before < 100 << 20
 
@@ -381,9 +381,10 @@ def test_blocks_beyond_the_credit_are_refused(hostile):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda spec: torch.zeros((1, spec.visual_context[1] * 4, spec.visual_context[2]), dtype=spec.dtype), "shape"),
-    (lambda spec: torch.zeros(spec.visual_context, dtype=torch.float64), "torch.float64"),
-    (lambda spec: torch.full(spec.visual_context, math.nan, dtype=spec.dtype), "NaN"),
+    (lambda spec: torch.zeros((1, spec.shapes["visual_context"][1] * 4, spec.shapes["visual_context"][2]),
+                              dtype=spec.dtype), "shape"),
+    (lambda spec: torch.zeros(spec.shapes["visual_context"], dtype=torch.float64), "torch.float64"),
+    (lambda spec: torch.full(spec.shapes["visual_context"], math.nan, dtype=spec.dtype), "NaN"),
 ], ids=["length", "dtype", "nan"])
 def test_clip_context_is_checked(hostile, make, message):
     encoder, address, _ = hostile

@@ -4,6 +4,7 @@
         --out out/session.mp4 [--overlay] [--raw] [--pacing lockstep|realtime]
     worldstream-client play ... --trajectory universal_demo     # a bundled trajectory, or a .json path
     worldstream-client play ... --interactive                   # W/A/S/D move, I/J/K/L look, Esc quits
+    worldstream-client play --prompt "a red fox runs through snow" --blocks 7 --out out/t2v.mp4  # text-to-video
     worldstream-client play ... --tls-ca ca.pem [--tls-cert me.pem --tls-key me.key]  # TLS; --tls: system roots
     worldstream-client interpolate --address 127.0.0.1:50051 --video in.mp4 --factor 2 --out out.mp4 \
         [--batch K] [--payload tokens|frames]                   # against an EDEN deployment
@@ -16,11 +17,13 @@ import argparse
 import math
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from worldstream.api.trajectory import parse_trajectory, planned_actions, read_trajectory
+from worldstream.v1 import session_pb2
 from .interactive import KeyboardActions, TerminalKeys
 from .interpolate import add_arguments as add_interpolate_arguments
 from .session import ReceivedBlock, SessionResult, SessionStream, start_request
@@ -37,8 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                description="Stream a session from a decoder service and write its video.")
     play.set_defaults(run=run_play)
     play.add_argument("--address", default="127.0.0.1:50051", help="decoder service host:port")
-    play.add_argument("--image", type=Path, required=True, help="first frame (PNG/JPEG)")
-    source = play.add_mutually_exclusive_group(required=True)
+    start = play.add_mutually_exclusive_group(required=True)
+    start.add_argument("--image", type=Path, help="first frame (PNG/JPEG), for image-and-action models")
+    start.add_argument("--prompt", help="text prompt, for text-to-video models (no actions)")
+    source = play.add_mutually_exclusive_group()
     source.add_argument("--trajectory", help="trajectory JSON file (worldstream.trajectory.v1) or the name of a "
                                              f"bundled one ({', '.join(bundled_trajectories())})")
     source.add_argument("--benchmark", action="store_true", help="the mode's reference benchmark trajectory")
@@ -59,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.command == "play":
         if args.blocks < 1:
             play.error("--blocks must be at least 1")
+        if args.prompt is not None and (args.trajectory or args.benchmark or args.interactive or args.overlay):
+            play.error("a --prompt session takes no actions: drop --trajectory, --benchmark, --interactive and "
+                       "--overlay")
+        if args.image is not None and not (args.trajectory or args.benchmark or args.interactive):
+            play.error("an --image session needs its actions: --trajectory, --benchmark or --interactive")
         args.pacing = args.pacing or ("realtime" if args.interactive else "lockstep")
     return args
 
@@ -143,13 +153,21 @@ def play_interactive(stream: SessionStream, controls: KeyboardActions, writer: V
     return result
 
 
+def writing(writer: VideoWriter, progress: Progress) -> Callable[[ReceivedBlock, SessionStream], None]:
+    """The per-block callback of a planned session: write the block's frames, show progress."""
+    def on_block(block: ReceivedBlock, _: SessionStream) -> None:
+        writer.write(block.frames, block.action)
+        progress.update(block)
+    return on_block
+
+
 def run_play(args: argparse.Namespace) -> int:
     try:
         # Everything that can fail locally fails before the server spends anything on a session.
         import_av()
         document = read_trajectory(trajectory_path(args.trajectory)) if args.trajectory else None
         terminal = TerminalKeys() if args.interactive else None
-        start = start_request(args.image, seed=args.seed, max_blocks=args.blocks,
+        start = start_request(args.image, prompt=args.prompt or "", seed=args.seed, max_blocks=args.blocks,
                               frame_encoding="raw" if args.raw else "jpeg", jpeg_quality=args.jpeg_quality,
                               pacing=args.pacing)
         with SessionStream(args.address, start, tls=channel_tls_from_args(args)) as stream, \
@@ -157,18 +175,16 @@ def run_play(args: argparse.Namespace) -> int:
             if terminal is not None:
                 with terminal:
                     result = play_interactive(stream, KeyboardActions(stream.space, terminal), writer)
+            elif args.prompt is not None:
+                result = stream.play([session_pb2.Action()] * args.blocks, window=args.window,
+                                     on_block=writing(writer, Progress(args.blocks, stream.started_at)))
             else:
                 # The trajectory is checked against the action space the server announced.
                 trajectory = None if document is None else parse_trajectory(document, stream.space, stream.layout,
                                                                             args.trajectory)
                 actions = planned_actions(stream.space, stream.layout, args.blocks, trajectory, args.benchmark_seed)
-                progress = Progress(len(actions), stream.started_at)
-
-                def on_block(block: ReceivedBlock, _: SessionStream) -> None:
-                    writer.write(block.frames, block.action)
-                    progress.update(block)
-
-                result = stream.play(actions, window=args.window, on_block=on_block)
+                result = stream.play(actions, window=args.window,
+                                     on_block=writing(writer, Progress(len(actions), stream.started_at)))
     except grpc.RpcError as e:
         print(f"\nsession failed: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -183,6 +199,9 @@ def run_play(args: argparse.Namespace) -> int:
     print(f"time to first frame {stats['time_to_first_frame']:.3f} s | block latency mean "
           f"{stats['latency_mean'] * 1000:.0f} ms, p50 {stats['latency_p50'] * 1000:.0f} ms, max "
           f"{stats['latency_max'] * 1000:.0f} ms | {stats['fps']:.1f} FPS after the first block")
+    if result.info.prompt_tokens_dropped:
+        print(f"the prompt was truncated to the model's 512 tokens: {result.info.prompt_tokens_dropped} tokens "
+              "dropped")
     print(f"video: {args.out.resolve()} ({result.info.fps} fps)")
     return 0
 

@@ -2,6 +2,7 @@
 
     result = run_session("127.0.0.1:50051", "assets/demo.png", actions, frame_encoding="raw")
     result.frames  # numpy uint8 [N, H, W, 3]
+    result = run_session("127.0.0.1:50051", None, [Action()] * 7, prompt="a fox in snow")  # a text-to-video server
 
 `SessionStream` is the lower-level handle: it learns the session's mode, action space, block layout and frame
 size from the server's `SessionInfo` (`info`, `space`, `layout`), so callers can plan actions once it is open
@@ -39,7 +40,7 @@ MAX_RECEIVE_BYTES = 256 << 20
 class ReceivedBlock:
     index: int
     frames: np.ndarray  # uint8 [T, H, W, 3]
-    action: BlockAction  # the action the server applied (from its echo)
+    action: BlockAction | None  # the action the server applied (from its echo); None for text-to-video
     stage_seconds: dict[str, float]  # server-side stages
     latency: float  # seconds from sending this block's action (or the previous block, REALTIME) to receiving it
     received_at: float  # time.perf_counter() on arrival
@@ -131,7 +132,9 @@ class SessionStream:
             if first.WhichOneof("response") != "info":
                 raise RuntimeError(f"server answered the start with `{first.WhichOneof('response')}`, not `info`")
             self.info: session_pb2.SessionInfo = first.info
-            self.space = action_space_from_message(first.info.mode, first.info.action_space)
+            # Text-to-video servers announce no action space: their actions are empty
+            self.space = (action_space_from_message(first.info.mode, first.info.action_space)
+                          if first.info.HasField("action_space") else None)
             self.layout = BlockLayout.from_block_frames(first.info.first_block_frames, first.info.block_frames)
         except BaseException:
             self.close()
@@ -192,7 +195,9 @@ class SessionStream:
         return ReceivedBlock(block.block_index, decode_frames(block, self.info), self.applied_action(block),
                              dict(block.stage_seconds), latency, now, response.ByteSize())
 
-    def applied_action(self, block: session_pb2.BlockChunk) -> BlockAction:
+    def applied_action(self, block: session_pb2.BlockChunk) -> BlockAction | None:
+        if self.space is None:
+            return None
         return parse_action(block.action, self.space, self.layout,
                             block.block_index if block.action.frames else None, f"echo of block {block.block_index}")
 
@@ -239,25 +244,28 @@ class SessionStream:
         self.close()
 
 
-def start_request(image: str | os.PathLike | bytes | Image.Image, mode: str = "", *, seed: int = 0,
-                  max_blocks: int = 0, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
+def start_request(image: str | os.PathLike | bytes | Image.Image | None, mode: str = "", *, prompt: str = "",
+                  seed: int = 0, max_blocks: int = 0, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
                   pacing: str = "lockstep") -> session_pb2.StartSession:
-    """A start request; `mode` empty: whatever the server runs (the session's `info` says which)."""
-    return session_pb2.StartSession(mode=mode, image=image_bytes(image), seed=seed, max_blocks=max_blocks,
-                                    frame_encoding=FRAME_ENCODINGS[frame_encoding], jpeg_quality=jpeg_quality,
-                                    pacing=PACINGS[pacing])
+    """A start request from an image or (text-to-video servers, `image` None) a prompt; `mode` empty: whatever the
+    server runs (the session's `info` says which)."""
+    return session_pb2.StartSession(mode=mode, image=b"" if image is None else image_bytes(image), prompt=prompt,
+                                    seed=seed, max_blocks=max_blocks, frame_encoding=FRAME_ENCODINGS[frame_encoding],
+                                    jpeg_quality=jpeg_quality, pacing=PACINGS[pacing])
 
 
-def run_session(address: str, image: str | os.PathLike | bytes | Image.Image,
-                actions: Sequence[BlockAction | session_pb2.Action], *, mode: str = "", seed: int = 0,
+def run_session(address: str, image: str | os.PathLike | bytes | Image.Image | None,
+                actions: Sequence[BlockAction | session_pb2.Action], *, mode: str = "", prompt: str = "", seed: int = 0,
                 max_blocks: int | None = None, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
                 pacing: str = "lockstep", window: int = 2, timeout: float | None = None,
                 on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None,
                 tls: ChannelTLS | None = None) -> SessionResult:
     """Run a whole session: one block per action (`max_blocks` defaults to len(actions)); see
-    `SessionStream.play`. `tls`: reach the server over TLS. Raises grpc.RpcError with the server's status on
-    failure, ConnectionError when no server answers."""
-    start = start_request(image, mode, seed=seed, max_blocks=len(actions) if max_blocks is None else max_blocks,
+    `SessionStream.play`; text-to-video: `prompt` instead of an image, and empty `Action()`s. `tls`: reach the
+    server over TLS. Raises grpc.RpcError with the server's status on failure, ConnectionError when no server
+    answers."""
+    start = start_request(image, mode, prompt=prompt, seed=seed,
+                          max_blocks=len(actions) if max_blocks is None else max_blocks,
                           frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing)
     with SessionStream(address, start, timeout=timeout, tls=tls) as stream:
         return stream.play(actions, window=window, on_block=on_block)

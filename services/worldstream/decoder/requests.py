@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from worldstream.api.spaces import ACTION_SPACES
 from ..engine.generator import DecoderModels
+from ..engine.text import check_prompt
 from ..media import MAX_IMAGE_BYTES, probe_image
 from ..serving.aio import Requests, first_request
 from ..serving.errors import ServiceError, echo
@@ -25,6 +26,8 @@ from worldstream.v1 import session_pb2
 
 # The fields of a start other than the image (mode, seed, options) take a few dozen bytes.
 START_MAX_BYTES = MAX_IMAGE_BYTES + (4 << 10)
+# A prompt is a sentence or a paragraph; the model reads 512 tokens of it at most.
+MAX_PROMPT_BYTES = 64 << 10
 # An action is a few hundred bytes at most (12 per-frame rows of a 7-key keyboard and a mouse are ~600 B).
 ACTION_MAX_BYTES = 4 << 10
 DEFAULT_JPEG_QUALITY = 85
@@ -111,7 +114,8 @@ def parse_frame_output(start: Any) -> tuple[int, int]:
 @dataclass(frozen=True)
 class StartOptions:
     mode: str
-    image: bytes
+    image: bytes  # image-and-action families
+    prompt: str  # text-to-video families
     seed: int
     max_blocks: int
     frame_encoding: int
@@ -124,12 +128,44 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
     ServiceError(INVALID_ARGUMENT) says what to fix. An empty mode means the server's. Runs on a worker thread."""
     start = require_start(parse_request(raw, 1))
     mode = start.mode or models.mode
-    if mode not in ACTION_SPACES:
+    if mode not in ACTION_SPACES and mode != models.mode:
         raise ServiceError(_INVALID, f"unknown mode {echo(start.mode)}; Matrix-Game-2 modes are "
                                      f"{sorted(ACTION_SPACES)} and this server runs {models.mode!r}")
     if mode != models.mode:
         raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
                                      f"{start.mode} deployment")
+    image, prompt = _conditioning(start, models)
+    max_blocks = start.max_blocks or models.max_blocks
+    if max_blocks > models.max_blocks:
+        raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
+                                     f"{models.max_blocks} blocks ({models.block_limit})")
+    encoding, quality = parse_frame_output(start)
+    pacing = start.pacing or session_pb2.PACING_LOCKSTEP
+    if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
+        raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
+    return StartOptions(mode, image, prompt, start.seed, max_blocks, encoding, quality, pacing)
+
+
+def _conditioning(start: session_pb2.StartSession, models: DecoderModels) -> tuple[bytes, str]:
+    """The start's image (image-and-action families) or prompt (text-to-video), as the deployment's family takes."""
+    family = f"{models.cfg.family} ({models.mode})"
+    if models.text_to_video:
+        if start.image:
+            raise ServiceError(_INVALID, f"this server runs {family}, text-to-video: start the session with "
+                                         "`prompt`, not `image` (image sessions need an image-model deployment)")
+        prompt = start.prompt
+        if len(prompt.encode()) > MAX_PROMPT_BYTES:
+            raise ServiceError(_INVALID, f"start.prompt has {len(prompt.encode())} bytes; at most {MAX_PROMPT_BYTES} "
+                                         "(the model reads its first 512 tokens)")
+        try:
+            check_prompt(prompt)
+        except ValueError as e:
+            raise ServiceError(_INVALID, f"start.prompt: {e}") from None
+        return b"", prompt
+    if start.prompt:
+        raise ServiceError(_INVALID, f"this server runs {family}, which starts from an image and takes actions: "
+                                     "send `image`, not `prompt` (prompts need a text-to-video deployment, e.g. "
+                                     "selfforcing/t2v)")
     image = start.image  # a copy: read it once
     if not image:
         raise ServiceError(_INVALID, "start.image is empty: send the first frame as PNG or JPEG bytes")
@@ -137,12 +173,4 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
         probe_image(image)
     except ValueError as e:
         raise ServiceError(_INVALID, f"start.image: {e}") from None
-    max_blocks = start.max_blocks or models.max_blocks
-    if max_blocks > models.max_blocks:
-        raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
-                                     f"{models.max_blocks} blocks")
-    encoding, quality = parse_frame_output(start)
-    pacing = start.pacing or session_pb2.PACING_LOCKSTEP
-    if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
-        raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
-    return StartOptions(mode, image, start.seed, max_blocks, encoding, quality, pacing)
+    return image, ""

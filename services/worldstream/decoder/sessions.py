@@ -54,7 +54,7 @@ def _now() -> Timestamp:
 @dataclass(frozen=True)
 class TakenAction:
     message: session_pb2.Action  # as received (echoed in the block)
-    action: BlockAction
+    action: BlockAction | None  # None: text-to-video, whose actions are empty
     taken_at: Timestamp
 
 
@@ -69,7 +69,7 @@ class ActionInbox:
     """Actions between the reader and the block loop. LOCKSTEP: a FIFO, one action per block. REALTIME: the
     latest action, reused until a newer one arrives (the idle action before the first)."""
 
-    def __init__(self, pacing: int, idle: BlockAction):
+    def __init__(self, pacing: int, idle: BlockAction | None):
         self.lockstep = pacing == session_pb2.PACING_LOCKSTEP
         self._queue: list[TakenAction] = []
         self._latest = TakenAction(session_pb2.Action(), idle, _now())
@@ -189,8 +189,8 @@ class Session:
         self.options = options
         self.context = context
         self.received = received
-        self.space = self.models.action_space
-        self.inbox = ActionInbox(options.pacing, self.space.idle_action())
+        self.space = self.models.action_space  # None: text-to-video, whose actions are empty
+        self.inbox = ActionInbox(options.pacing, self.space.idle_action() if self.space else None)
         self.lane = WorkerLane(f"session-{self.id[:8]}")
         self.feed: ConditionFeed | None = None
         self.generation: GenerationSession | None = None
@@ -211,23 +211,30 @@ class Session:
                   pacing=session_pb2.Pacing.Name(options.pacing),
                   frame_encoding=session_pb2.FrameEncoding.Name(options.frame_encoding), peer=self.context.peer())
         height, width = int(models.cfg.video.height), int(models.cfg.video.width)
-        self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
-                                                    options.max_blocks, ConditionSpec.of(models))
-        visual_context = await self.feed.visual_context()
-        self.generation = await self.lane.run(self._open_generation, visual_context)
-        await self._send(session_pb2.SessionResponse(info=session_pb2.SessionInfo(
+        spec = ConditionSpec.of(models)
+        if models.text_to_video:
+            self.feed = await self.manager.encoder.open_prompt(self.id, options.mode, options.prompt, spec)
+        else:
+            self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
+                                                        options.max_blocks, spec)
+        context = await self.feed.context()
+        self.generation = await self.lane.run(self._open_generation, context)
+        info = session_pb2.SessionInfo(
             session_id=self.id, mode=options.mode, height=height, width=width,
             first_block_frames=models.layout.first_block_frames, block_frames=models.layout.block_frames,
-            fps=int(models.cfg.video.fps), max_blocks=options.max_blocks,
-            action_space=action_space_message(self.space), frame_encoding=options.frame_encoding,
-            pacing=options.pacing)))
+            fps=int(models.cfg.video.fps), max_blocks=options.max_blocks, frame_encoding=options.frame_encoding,
+            pacing=options.pacing, family=str(models.cfg.family),
+            prompt_tokens_dropped=self.feed.prompt_tokens_dropped)
+        if self.space is not None:
+            info.action_space.CopyFrom(action_space_message(self.space))
+        await self._send(session_pb2.SessionResponse(info=info))
         await run_together(self._deliver(), self._produce(), self._read(messages), settled=self.ending)
 
-    def _open_generation(self, visual_context: torch.Tensor) -> GenerationSession:
+    def _open_generation(self, context: torch.Tensor) -> GenerationSession:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
-        return self.models.open_session(visual_context, seed=self.options.seed, max_blocks=self.options.max_blocks)
+        return self.models.open_session(context, seed=self.options.seed, max_blocks=self.options.max_blocks)
 
-    def _run_block(self, cond: torch.Tensor, action: BlockAction) -> BlockOutput:
+    def _run_block(self, cond: torch.Tensor | None, action: BlockAction | None) -> BlockOutput:
         return self.generation.run_block(cond, action)  # host tensor: the engine copies it asynchronously
 
     # -- the three coroutines --
@@ -246,14 +253,21 @@ class Session:
             if lockstep and count >= self.options.max_blocks:
                 raise ServiceError(_OUT_OF_RANGE, f"action #{count + 1} is past the end: the session has "
                                                   f"max_blocks={self.options.max_blocks} blocks, one action each")
-            try:
-                action = parse_action(message.action, self.space, self.models.layout, count if lockstep else None,
-                                      f"action #{count + 1}")
-            except ValueError as e:
-                raise ServiceError(_INVALID, str(e)) from None
+            action = self._parse_action(message.action, count if lockstep else None, f"action #{count + 1}")
             await self.inbox.put(TakenAction(message.action, action, _now()))
         if await messages.next() is not None:
             raise ServiceError(_OUT_OF_RANGE, "a message arrived after `stop`; the session accepts nothing more")
+
+    def _parse_action(self, message: session_pb2.Action, block_index: int | None, where: str) -> BlockAction | None:
+        if self.space is None:
+            if message.ByteSize():
+                raise ServiceError(_INVALID, f"{where}: this {self.models.cfg.family} session (text-to-video) takes "
+                                             "no keyboard or mouse; send an empty `action` per block")
+            return None
+        try:
+            return parse_action(message, self.space, self.models.layout, block_index, where)
+        except ValueError as e:
+            raise ServiceError(_INVALID, str(e)) from None
 
     async def _produce(self) -> None:
         """The block loop."""
@@ -264,7 +278,7 @@ class Session:
                 await self.outbox.put(self._end(taken))
                 return
             got_action = time.perf_counter()
-            cond = await self.feed.block(b)
+            cond = await self.feed.block(b) if self.feed.spec.per_block else None
             start_time, started = _now(), time.perf_counter()
             output = await self.lane.run(self._run_block, cond, taken.action)
             stages = {"action_wait": got_action - waited, "condition_wait": started - got_action, **output.timings}

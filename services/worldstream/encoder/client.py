@@ -45,28 +45,36 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-_VISUAL_CONTEXT, _COND_CONCAT = "visual_context", "cond_concat"
+_VISUAL_CONTEXT, _PROMPT_EMBEDS, _COND_CONCAT = "visual_context", "prompt_embeds", "cond_concat"
 _TENSOR_NAMES = {encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT: _VISUAL_CONTEXT,
+                 encoder_pb2.CONDITION_KIND_PROMPT_EMBEDS: _PROMPT_EMBEDS,
                  encoder_pb2.CONDITION_KIND_COND_CONCAT: _COND_CONCAT}
 
 
 @dataclass(frozen=True)
 class ConditionSpec:
-    """The condition tensors a session consumes: their dtype and shapes (`DecoderModels.condition_shapes`)."""
+    """The condition tensors a session consumes: their dtype and shapes by name (`DecoderModels.condition_shapes`):
+    a context (`visual_context` or `prompt_embeds`), once, and `cond_concat` per block where the model takes one."""
     dtype: torch.dtype
-    visual_context: tuple[int, ...]
-    cond_concat: tuple[int, ...]
+    shapes: dict[str, tuple[int, ...]]
 
     @classmethod
     def of(cls, models) -> ConditionSpec:
         """The spec of a DecoderModels: its config's dtype, which the encoder (same config) computes in."""
         from ..engine.builders import resolve_dtype
 
-        shapes = models.condition_shapes()
-        return cls(resolve_dtype(models.cfg.dtype), shapes[_VISUAL_CONTEXT], shapes[_COND_CONCAT])
+        return cls(resolve_dtype(models.cfg.dtype), dict(models.condition_shapes()))
+
+    @property
+    def context(self) -> str:
+        return _PROMPT_EMBEDS if _PROMPT_EMBEDS in self.shapes else _VISUAL_CONTEXT
+
+    @property
+    def per_block(self) -> bool:
+        return _COND_CONCAT in self.shapes
 
     def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        return {_VISUAL_CONTEXT: (self.dtype, self.visual_context), _COND_CONCAT: (self.dtype, self.cond_concat)}
+        return {name: (self.dtype, shape) for name, shape in self.shapes.items()}
 
 
 class EncoderClient:
@@ -102,9 +110,17 @@ class EncoderClient:
         request = encoder_pb2.ImageConditionRequest(
             session_id=session_id, mode=mode, image=image, height=height, width=width, max_blocks=max_blocks,
             initial_credits=min(self.window, max_blocks), accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
+        return await self._open(encoder_pb2.EncodeRequest(image=request), max_blocks, request.initial_credits, spec)
+
+    async def open_prompt(self, session_id: str, mode: str, prompt: str, spec: ConditionSpec) -> ConditionFeed:
+        """Open the Encode stream of a text-to-video session: its prompt's text context, nothing per block."""
+        request = encoder_pb2.PromptConditionRequest(session_id=session_id, mode=mode, prompt=prompt)
+        return await self._open(encoder_pb2.EncodeRequest(prompt=request), 0, 0, spec)
+
+    async def _open(self, request: encoder_pb2.EncodeRequest, blocks: int, credits: int,
+                    spec: ConditionSpec) -> ConditionFeed:
         return await self._started(
-            lambda: ConditionFeed(self, self._stub.Encode(metadata=self._metadata), max_blocks,
-                                  request.initial_credits, spec), request)
+            lambda: ConditionFeed(self, self._stub.Encode(metadata=self._metadata), blocks, credits, spec), request)
 
     async def _started(self, new_feed: Callable[[], F], *start: Any) -> F:
         """A new stream's feed, once the encoder accepted its start. The channel must connect first (UNAVAILABLE
@@ -180,8 +196,9 @@ F = TypeVar("F", bound=EncoderStream)
 
 
 class ConditionFeed(EncoderStream):
-    """The condition tensors of one session as they arrive: `visual_context()` once, then `block(b)` in order.
-    Taking block b grants the encoder one more credit, so it stays `window` blocks ahead of the session."""
+    """The condition tensors of one session as they arrive: `context()` once, then `block(b)` in order (models
+    with a per-block condition; `max_blocks` is 0 for the others). Taking block b grants the encoder one more
+    credit, so it stays `window` blocks ahead of the session."""
 
     def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, max_blocks: int, credits: int,
                  spec: ConditionSpec):
@@ -190,15 +207,16 @@ class ConditionFeed(EncoderStream):
         self.spec = spec
         self._granted = credits  # blocks the encoder may have sent so far
         self._received = 0  # cond_concat blocks received: the next one must have this index
-        self._visual_context: torch.Tensor | None = None
+        self._context: torch.Tensor | None = None
+        self.prompt_tokens_dropped = 0  # what the encoder's `ready` says
         self._blocks: dict[int, torch.Tensor] = {}
         self._failure: ServiceError | None = None
         self._changed = asyncio.Condition()
         self._opened_at = 0.0
 
-    async def start(self, request: encoder_pb2.ImageConditionRequest) -> None:
+    async def start(self, request: encoder_pb2.EncodeRequest) -> None:
         self._opened_at = time.perf_counter()
-        await self._ready(encoder_pb2.EncodeRequest(image=request))
+        self.prompt_tokens_dropped = (await self._ready(request)).prompt_tokens_dropped
         self._reader = asyncio.create_task(self._read())
 
     def _stream_failure(self, error: Exception) -> ServiceError:
@@ -222,9 +240,11 @@ class ConditionFeed(EncoderStream):
             while True:
                 message = await self.call.read()
                 if message is grpc.aio.EOF:
-                    failure = None if self._received == self.max_blocks else ServiceError(
+                    complete = self._context is not None and self._received == self.max_blocks
+                    failure = None if complete else ServiceError(
                         grpc.StatusCode.UNAVAILABLE, f"the encoder ended the stream after {self._received} of "
-                                                     f"{self.max_blocks} blocks; retry later")
+                                                     f"{self.max_blocks} blocks (context received: "
+                                                     f"{self._context is not None}); retry later")
                     break
                 if message.WhichOneof("response") != "tensor":
                     raise WireFormatError(f"`{message.WhichOneof('response') or 'an empty response'}` after "
@@ -257,12 +277,14 @@ class ConditionFeed(EncoderStream):
             raise WireFormatError(f"unknown condition kind {part.kind}")
         if part.chunk.name != name:
             raise WireFormatError(f"a tensor of kind {name} named {part.chunk.name[:64]!r}")
-        if name == _VISUAL_CONTEXT:
-            if self._visual_context is not None:
-                raise WireFormatError("a second visual_context")
+        if name not in self.spec.shapes:
+            raise WireFormatError(f"a {name} tensor, which this session does not take")
+        if name == self.spec.context:
+            if self._context is not None:
+                raise WireFormatError(f"a second {name}")
             return
-        if self._visual_context is None:
-            raise WireFormatError("cond_concat before visual_context")
+        if self._context is None:
+            raise WireFormatError(f"cond_concat before {self.spec.context}")
         if part.block_index != self._received:
             raise WireFormatError(f"cond_concat of block {part.block_index} while block {self._received} is due")
         if part.block_index >= self._granted:
@@ -274,8 +296,8 @@ class ConditionFeed(EncoderStream):
             raise WireFormatError(f"{_TENSOR_NAMES[part.kind]} of block {part.block_index} holds NaN or infinite "
                                   "values")
         async with self._changed:
-            if part.kind == encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT:
-                self._visual_context = tensor
+            if _TENSOR_NAMES[part.kind] == self.spec.context:
+                self._context = tensor
             else:
                 self._blocks[part.block_index] = tensor
                 self._received += 1
@@ -295,11 +317,12 @@ class ConditionFeed(EncoderStream):
         async with self._changed:
             await self._changed.wait_for(predicate)
 
-    async def visual_context(self) -> torch.Tensor:
-        await self._wait(lambda: self._visual_context is not None, "the CLIP tokens")
+    async def context(self) -> torch.Tensor:
+        """The session's context: CLIP tokens or the prompt's text context."""
+        await self._wait(lambda: self._context is not None, f"the {self.spec.context}")
         self.client.metrics.encoder_request_seconds.labels(request="open").observe(
             time.perf_counter() - self._opened_at)
-        return self._visual_context
+        return self._context
 
     async def block(self, b: int) -> torch.Tensor:
         """The cond_concat of block b (blocks are taken in order, each once)."""

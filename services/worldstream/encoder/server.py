@@ -3,6 +3,8 @@
 Each `Encode` stream is one decoder session. Its model work (image decode, CLIP, VAE encode, host copies) runs on
 the stream's own worker thread, never on the event loop; a stream computes its blocks in order, at most
 `prefetch` blocks beyond the credits the decoder granted, and sends a block only once it has the credit.
+With a text-to-video config the encoder runs the UMT5 text encoder instead: a stream sends its prompt's text
+context once and ends.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import grpc
 import torch
 from torch.profiler import record_function
 
+from ..engine.builders import dit_config
 from ..engine.encoder import EncoderModels
+from ..engine.text import TextEncoder, build_text_encoder
 from ..media import load_image
 from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
@@ -52,11 +56,20 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         self.warmup_blocks = warmup_blocks
         self.profiler = StreamProfiler(profile_dir, log)
         self.models: EncoderModels | None = None
+        self.text_encoder: TextEncoder | None = None  # text-to-video configs: prompts instead of images
+        self.text_to_video = dit_config(cfg).text_dim is not None
 
     async def load(self) -> None:
         """Build and warm up the models off the event loop (the health service reports NOT_SERVING meanwhile)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        if self.text_to_video:
+            text_encoder = await loop.run_in_executor(None, build_text_encoder, self.cfg)
+            await loop.run_in_executor(None, text_encoder, ["warm-up"])
+            self.text_encoder = text_encoder
+            log_event(log, "models loaded", mode=str(self.cfg.mode), device=str(text_encoder.device),
+                      seconds=round(time.perf_counter() - started, 3))
+            return
         models = await loop.run_in_executor(None, EncoderModels.build, self.cfg)
         await loop.run_in_executor(None, models.warm_up, self.warmup_blocks)
         self.models = models
@@ -70,9 +83,17 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         await run_call(self._encode(Requests(context), context), context, self.metrics, log, "Encode")
 
     async def _encode(self, requests, context: grpc.aio.ServicerContext) -> None:
-        self.slots.check_open(loaded=self.models is not None)
-        first = await opening_request(requests, self.idle_timeout, self.metrics, "an `image` request")
-        request = require_kind(first, "image")
+        self.slots.check_open(loaded=self.models is not None or self.text_encoder is not None)
+        first = await opening_request(requests, self.idle_timeout, self.metrics, "an `image` or `prompt` request")
+        kind, expected = first.WhichOneof("request"), "prompt" if self.text_to_video else "image"
+        if kind in ("image", "prompt") and kind != expected:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"this encoder serves {self.cfg.family} ({self.cfg.mode}), which takes `{expected}` "
+                               f"requests, not `{kind}`: run encoder and decoder with the same config")
+        request = require_kind(first, expected)
+        if self.text_to_video:
+            await self._encode_prompt(request, context)
+            return
         self._check(request)
         with self.slots.slot():
             stream = _EncodeStream(self, request, context)
@@ -80,6 +101,28 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
                 await run_together(stream.send_all(), stream.read_credits(requests))
             finally:
                 stream.close()
+
+    async def _encode_prompt(self, request: encoder_pb2.PromptConditionRequest,
+                             context: grpc.aio.ServicerContext) -> None:
+        """A text-to-video stream: `ready`, the prompt's text context once, then the call ends."""
+        if request.mode != str(self.cfg.mode):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"this encoder serves mode {self.cfg.mode!r}, "
+                                                                    f"not {request.mode!r}")
+        with self.slots.slot():
+            started = time.perf_counter()
+            try:
+                encoded = await asyncio.get_running_loop().run_in_executor(None, self.text_encoder, [request.prompt])
+            except ValueError as e:
+                raise ServiceError(_INVALID, f"prompt rejected: {e}") from None
+            messages = await asyncio.get_running_loop().run_in_executor(
+                None, _pack, encoder_pb2.CONDITION_KIND_PROMPT_EMBEDS, 0, "prompt_embeds", encoded.context)
+            self.metrics.encoder_request_seconds.labels(request="open").observe(time.perf_counter() - started)
+            log_event(log, "prompt encoded", session_id=request.session_id, tokens=encoded.lengths[0],
+                      tokens_dropped=encoded.truncated[0], seconds=round(time.perf_counter() - started, 4))
+            ready = encoder_pb2.EncodeReady(mode=request.mode, transport=encoder_pb2.TENSOR_TRANSPORT_GRPC,
+                                            prompt_tokens_dropped=encoded.truncated[0])
+            for message in [encoder_pb2.EncodeResponse(ready=ready), *messages]:
+                await write_with_timeout(context, message, self.metrics, self.idle_timeout)
 
     def _check(self, request: encoder_pb2.ImageConditionRequest) -> None:
         models = self.models
