@@ -380,7 +380,8 @@ async def mg2_over_grpc(args: argparse.Namespace, models, image, blocks: int) ->
     from worldstream.serving.metrics import ServiceMetrics
 
     session = models.open_session(image)
-    spec = ConditionSpec(models.dtype, tuple(session.visual_context.shape), tuple(session.next_block().shape))
+    spec = ConditionSpec(models.dtype, {"visual_context": tuple(session.visual_context.shape),
+                                        "cond_concat": tuple(session.next_block().shape)})
     session.close()
     png = io.BytesIO()
     image.save(png, format="PNG")
@@ -393,7 +394,7 @@ async def mg2_over_grpc(args: argparse.Namespace, models, image, blocks: int) ->
         started = time.perf_counter()
         feed = await client.open("bench", models.mode, png.getvalue(), models.height, models.width, blocks, spec)
         try:
-            await feed.visual_context()
+            await feed.context()
             await feed.block(0)
             first = time.perf_counter() - started
             for b in range(1, blocks):
