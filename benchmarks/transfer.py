@@ -403,7 +403,7 @@ async def mg2_over_grpc(args: argparse.Namespace, models, image, blocks: int) ->
         finally:
             feed.close()
             await client.close()
-        _, block_bytes = wire_transport({"cond_concat": torch.zeros(spec.cond_concat, dtype=spec.dtype)})
+        _, block_bytes = wire_transport({"cond_concat": torch.zeros(spec.shapes["cond_concat"], dtype=spec.dtype)})
         return {"first_block_ms": first * 1000, "all_blocks_ms": total * 1000, "bytes_per_block": block_bytes,
                 "rss_mib": {"client": peak_rss_mib(os.getpid()), "encoder": peak_rss_mib(stack.encoder.process.pid)}}
     finally:
