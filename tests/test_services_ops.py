@@ -139,7 +139,9 @@ def test_decoder_readiness_follows_its_encoder(tmp_path):
                               capture_output=True, timeout=30).returncode
 
     with running_services(tmp_path, decoder_args=SMALL_FRAMES, encoder_args=SMALL_FRAMES) as services:
-        assert health_status(services.address, ready) == serving
+        # alive (what start-up waits for) comes first; ready follows with the first check of the encoder
+        wait_for(lambda: health_status(services.address, ready) == serving, 15, "the decoder to report ready",
+                 interval=0.2)
         assert health_command(services.address, "--service", ready) == 0
         services.encoder.signal(signal.SIGKILL)
         services.encoder.wait(10)
