@@ -38,3 +38,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_golden_outputs(kind: str, results) -> None:
+    """Every (name, actual, expected) of a golden check within atol = rtol = 1e-4; prints the worst error."""
+    from worldstream.golden.cli import compare
+
+    worst = 0.0
+    for name, actual, expected in results:
+        _, rel, ok = compare(actual, expected)
+        assert ok, (name, rel)
+        worst = max(worst, rel)
+    assert worst <= 1e-4
+    print(f"{kind} max_rel_err={worst:.3e}")

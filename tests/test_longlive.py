@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from conftest import load_golden
+from conftest import assert_golden_outputs, load_golden
 from worldstream.cli import main
 from worldstream.client.video import VideoWriter
 from worldstream.engine.block_loop import BlockDenoiser
@@ -21,7 +21,6 @@ from worldstream.engine.clips import center_crop, conditioning_latents, decode_c
 from worldstream.engine.config import load_config
 from worldstream.engine.generator import DecoderModels
 from worldstream.engine.scheduler import FlowMatchSchedule
-from worldstream.golden.cli import compare
 from worldstream.golden.dit import dit_config_from_reference, golden_model
 from worldstream.golden.longlive import CHECKS, longlive_model
 from worldstream.models.checkpoints import CheckpointError
@@ -43,13 +42,7 @@ def test_golden_parity(kind, must_have):
     results = CHECKS[kind](tensors, meta)
     names = [name for name, _, _ in results]
     assert set(must_have) <= set(names) and "output.latents" in names
-    worst = 0.0
-    for name, actual, expected in results:
-        _, rel, ok = compare(actual, expected)
-        assert ok, (name, rel)
-        worst = max(worst, rel)
-    assert worst <= 1e-4
-    print(f"{kind} max_rel_err={worst:.3e}")
+    assert_golden_outputs(kind, results)
 
 
 class SeededNoise:

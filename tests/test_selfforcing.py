@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import load_golden
+from conftest import assert_golden_outputs, load_golden
 from worldstream.cli import main
 from worldstream.engine.builders import build_dit, dit_config
 from worldstream.engine.config import load_config
 from worldstream.engine.generator import DecoderModels, session_block_limit
-from worldstream.golden.cli import compare
 from worldstream.golden.selfforcing import CHECKS
 from worldstream.models.causal_wan import CausalWanModel
 from worldstream.models.checkpoints import CheckpointError
@@ -35,13 +34,7 @@ def test_golden_parity():
     results = CHECKS[meta["kind"]](tensors, meta)
     names = [name for name, _, _ in results]
     assert "block2.step3.x0_pred" in names and "block2.context.flow_pred" in names and names[-1] == "output.latents"
-    worst = 0.0
-    for name, actual, expected in results:
-        _, rel, ok = compare(actual, expected)
-        assert ok, (name, rel)
-        worst = max(worst, rel)
-    assert worst <= 1e-4
-    print(f"selfforcing_t2v_blocks max_rel_err={worst:.3e}")
+    assert_golden_outputs("selfforcing_t2v_blocks", results)
 
 
 def test_full_size_parameter_count_on_meta():
