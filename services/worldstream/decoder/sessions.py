@@ -32,6 +32,7 @@ from ..serving.logs import log_event
 from ..serving.memory import HeapTrimmer
 from ..serving.metrics import ServiceMetrics
 from ..serving.profiling import StreamProfiler
+from ..serving.streams import StreamSlots
 from worldstream.v1 import session_pb2
 from worldstream.api.messages import action_space_message, parse_action
 from .requests import ClientMessages, StartOptions, parse_start
@@ -141,42 +142,33 @@ class SessionManager:
         self.frame_pool = concurrent.futures.ThreadPoolExecutor(frame_workers, thread_name_prefix="frames")
         self.trimmer = HeapTrimmer()
         self.sessions: dict[str, Session] = {}
-        self.reserved = 0
-        self.terminating = False
+        self.slots = StreamSlots("decoder", max_sessions, metrics, "this decoder runs {limit} sessions at most and "
+                                 "all are busy; retry later or connect to another replica")
 
     async def terminate(self) -> None:
         """End every session after its current block and refuse new ones."""
-        self.terminating = True
+        await self.slots.terminate()
         for session in list(self.sessions.values()):
             await session.inbox.interrupt()
 
     async def stream(self, context: grpc.aio.ServicerContext) -> None:
         """The body of one WorldSessionService.Session call."""
-        if self.models is None or self.terminating:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the decoder is loading its models or shutting down; "
-                                                            "retry shortly")
+        self.slots.check_open(self.models is not None)
         received = time.perf_counter()
         messages = ClientMessages(context, self.metrics, self.trimmer)
         first = await messages.first(self.idle_timeout)
         options = await asyncio.get_running_loop().run_in_executor(None, parse_start, first, self.models)
         del first  # the serialized start would otherwise live as long as the session
-        if self.reserved >= self.max_sessions:
-            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"this decoder runs {self.max_sessions} sessions at most and all are busy; retry "
-                               "later or connect to another replica")
-        self.reserved += 1
-        self.metrics.sessions_active.inc()
-        session = Session(self, options, context, received)
-        self.sessions[session.id] = session
-        try:
-            await session.run(messages)
-        finally:
+        with self.slots.slot():
+            session = Session(self, options, context, received)
+            self.sessions[session.id] = session
             try:
-                await session.release()
+                await session.run(messages)
             finally:
-                del self.sessions[session.id]
-                self.reserved -= 1
-                self.metrics.sessions_active.dec()
+                try:
+                    await session.release()
+                finally:
+                    del self.sessions[session.id]
 
 
 class Session:
