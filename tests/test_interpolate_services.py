@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from service_harness import metric_value  # also: services use this process's thread count (bitwise-equal frames)
+from test_hardening_decoder import ico_wrapping, png_of_zeros, rss_mb
 from worldstream.cli import main as services_cli
 from worldstream.client.__main__ import main as client_cli
 from worldstream.client.interpolate import interpolate, read_video
@@ -146,6 +147,19 @@ def test_bad_input_is_invalid_argument_with_what_to_fix(services, start, frames,
     assert re.search(message, error.details()), error.details()
     assert metric_value(services.decoder_metrics_port, "worldstream_decoder_errors_total",
                         {"code": "INVALID_ARGUMENT"}) == errors_before + 1
+
+
+@pytest.mark.parametrize("hostile", [ico_wrapping(png_of_zeros(12_000, 12_000)), png_of_zeros(12_000, 12_000)],
+                         ids=["ico-of-144-megapixels", "png-of-144-megapixels"])
+def test_hostile_frames_are_refused_from_their_header_and_the_service_goes_on(services, hostile):
+    """A frame claiming 144 megapixels (as an ICO, whose reader decodes on open, or a PNG) is refused before any
+    pixel is decoded; the decoder's memory stays where it was and the next clip is served."""
+    rss = rss_mb(services.decoder.process.pid)
+    error = status_of(services.address, interpolation_pb2.InterpolateStart(height=40, width=72), [PNG, hostile])
+    assert error.code() == Code.INVALID_ARGUMENT
+    assert re.search(r"frame 1 \(\d+ bytes\) is not a PNG or JPEG file", error.details()), error.details()
+    assert rss_mb(services.decoder.process.pid) - rss < 32
+    assert len(interpolate(services.address, clip(2), keep=True).frames) == 3
 
 
 @pytest.mark.parametrize("payload", CLIENT_PAYLOADS)

@@ -16,16 +16,14 @@ gets. The frame at output position j starts from the noise of seed + j: a clip's
 """
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from ..media import encode_jpeg, load_image
+from ..media import encode_jpeg, load_image, probe_image
 from ..models.eden import EdenConfig, EdenPatchify, FramePairs, PairGeometry, PairTokens, encode_pairs
 from .eden import EdenInterpolator, check_frame_size, pair_noise
 
@@ -48,13 +46,13 @@ def check_frame_bytes(data: bytes, frame_format: str, height: int, width: int, i
                              f"{height * width * 3} (height x width x 3): all frames of a clip must have the size "
                              "given in start")
         return
+    # The header alone, through the PNG and JPEG readers only: another format (ICO decodes its pixels on open)
+    # or a pixel count beyond the limit is refused before any pixel is decoded.
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            size = image.size
-    except UnidentifiedImageError:
-        raise ValueError(f"frame {index} ({len(data)} bytes) is not a PNG or JPEG file") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"frame {index} ({len(data)} bytes) is not a readable PNG or JPEG file ({e})") from None
+        header = probe_image(data)
+    except ValueError as e:
+        raise ValueError(f"frame {index} ({len(data)} bytes) is not a PNG or JPEG file ({e})") from None
+    size = (header.width, header.height)
     if size != (width, height):
         raise ValueError(f"frame {index} is {size[1]}x{size[0]}, but the clip's frames are {height}x{width} "
                          "(start.height x start.width): all frames of a clip must have one size")
