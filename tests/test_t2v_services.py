@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service_harness import REPO, png_bytes, running_services
+from test_hardening_decoder import rss_mb
 from worldstream.client import run_session
 from worldstream.decoder.requests import parse_start
 from worldstream.engine.config import load_config
@@ -78,6 +79,18 @@ def test_t2v_errors(services, kwargs, expected):
     error = failure(services.address, seed=SEED, **kwargs)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing_and_the_service_goes_on(services):
+    """A 10 MB prompt (under the start message's limit) is refused by its own size cap before any tokenizer or
+    text cleaning sees it; memory returns to where it was and the next session is served."""
+    rss = rss_mb(services.decoder.process.pid)
+    error = failure(services.address, prompt="fox " * 2_500_000, seed=SEED)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start.prompt has 10000000 bytes; at most" in error.details()
+    assert len(error.details().encode()) <= 1024
+    assert rss_mb(services.decoder.process.pid) - rss < 32
+    assert len(run_session(services.address, None, [EMPTY], prompt=PROMPT, seed=SEED).blocks) == 1
 
 
 def test_prompt_on_an_image_deployment():
