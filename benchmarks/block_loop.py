@@ -53,21 +53,38 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def run_session(encoder: EncoderModels, decoder: DecoderModels, image: Image.Image, actions, seed: int,
-                with_encoder: bool, sync) -> list[dict[str, float]]:
-    """One session, block by block; per block the stage times in seconds. `block` is the host wall time of
-    `run_block`, plus the encoder's `next_block` when `with_encoder` (the work both services do per block)."""
+                with_encoder: bool, pipelined: bool) -> list[dict[str, float]]:
+    """One session, block by block; per block the stage times in seconds. `block` is the host time from one
+    block's frames to the next's (block 0: from its start), as a service delivers them. `pipelined` queues each
+    block before waiting for the frames of the one before (the decoder service's loop when the next action is
+    there). The encoder's `next_block` runs in the loop either way; `encode` is its host time, and with
+    `with_encoder` its device work is waited for (the work both services do per block, one GPU)."""
     conditioning = encoder.open_session(image)
     session = decoder.open_session(conditioning.visual_context, seed=seed, max_blocks=len(actions))
-    rows = []
+    rows, pending, last = [], None, time.perf_counter()
+
+    def finish(block, encode_s: float) -> None:
+        nonlocal last
+        out = block.result()
+        now = time.perf_counter()
+        rows.append({"encode": encode_s, **out.timings, "block": now - last, "frames": out.frames.shape[0]})
+        last = now
+
     for action in actions:
         t0 = time.perf_counter()
         cond = conditioning.next_block()
-        sync()
-        t1 = time.perf_counter()
-        out = session.run_block(cond, action)
-        t2 = time.perf_counter()
-        rows.append({"encode": t1 - t0, **out.timings, "block": t2 - (t0 if with_encoder else t1),
-                     "frames": out.frames.shape[0]})
+        if with_encoder:
+            cond = cond.cpu()  # as the encoder service sends it: waits for its work
+        encode_s = time.perf_counter() - t0
+        block = session.launch_block(cond, action)
+        if pending is not None:
+            finish(*pending)
+        pending = (block, encode_s)
+        if not pipelined:
+            finish(*pending)
+            pending = None
+    if pending is not None:
+        finish(*pending)
     session.close()
     conditioning.close()
     return rows
@@ -80,6 +97,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="sessions measured one after another (fresh each)")
     parser.add_argument("--with-encoder", action="store_true",
                         help="count the encoder's per-block work (the next cond_concat) in the block time")
+    parser.add_argument("--one-by-one", action="store_true",
+                        help="wait for each block's frames before queuing the next (no overlap of a block's VAE "
+                             "decode with the next block's DiT steps; always so on a CPU, where nothing overlaps)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", metavar="FILE", help="write every block's stage times to FILE")
     parser.add_argument("--profile", metavar="FILE", help="write the kernel table of one more block to FILE")
@@ -109,13 +129,14 @@ def main() -> None:
     encoder.open_session(image).close()
     sync()
     clip_s = time.perf_counter() - t0
-    runs = [run_session(encoder, decoder, image, all_actions[:args.blocks], run, args.with_encoder, sync)
-            for run in range(args.runs)]
+    runs = [run_session(encoder, decoder, image, all_actions[:args.blocks], run, args.with_encoder,
+                        cuda and not args.one_by_one) for run in range(args.runs)]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
 
     print(f"# {args.config} {' '.join(args.overrides)} | {device_name} | torch {torch.__version__} | "
           f"commit {git_commit()} | {time.strftime('%Y-%m-%d')} | block time "
-          f"{'includes' if args.with_encoder else 'excludes'} the encoder")
+          f"{'includes' if args.with_encoder else 'excludes'} the encoder, blocks "
+          f"{'queued one ahead' if cuda and not args.one_by_one else 'one by one'}")
     print(f"build {build_s:.1f} s, warm-up: encoder {encoder_warm_up_s:.1f} s, decoder {decoder_warm_up_s:.1f} s "
           f"(compile + CUDA graphs), CLIP + encoder session {clip_s * 1000:.0f} ms, peak GPU memory {peak:.1f} GiB")
     stages = ["encode", "denoise", "cache_update", "vae_decode", "to_host", "block"]
@@ -167,14 +188,15 @@ def check_no_host_sync(decoder: DecoderModels, visual_context: torch.Tensor, con
     session = decoder.open_session(visual_context, seed=1, max_blocks=4)
     action = decoder.action_space.idle_action()
     for _ in range(2):
-        session.generate(cond, action)
+        session.run_block(cond, action)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(2):
-            session.generate(cond, action)
+        pending = [session.launch_block(cond, action) for _ in range(2)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    for block in pending:
+        block.result()
     session.close()
     print("sync check: blocks 2-3 of a fresh session ran under sync debug mode 'error'")
 

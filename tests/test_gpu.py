@@ -27,29 +27,46 @@ def _run(sessions, conds, action) -> list[list[torch.Tensor]]:
     latents = [[] for _ in sessions]
     for cond in conds:
         for out, session in zip(latents, sessions):
-            out.append(session.generate(cond, action)[0])
+            out.append(session.launch_block(cond, action).latents)
     for session in sessions:
         session.close()
     return latents
 
 
 def test_block_loop_runs_without_host_sync(models):
-    """After warm-up, whole blocks (graphed DiT steps, cache update, VAE decode) run under sync debug mode 'error'."""
+    """After warm-up, whole blocks (graphed DiT steps, cache update, VAE decode) are queued under sync debug mode
+    'error'."""
     decoder, visual_context, conds = models
     session = decoder.open_session(visual_context, seed=0, max_blocks=BLOCKS)
     assert isinstance(session.denoiser.dit, GraphedSessionDiT) and len(session.denoiser.dit.graphs) == 3
     action = decoder.action_space.from_names(["forward"], [0.0, 0.1])
     for b in range(2):
-        session.generate(conds[b], action)
+        session.run_block(conds[b], action)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for b in range(2, BLOCKS):
-            latents, video = session.generate(conds[b], action)
+        pending = [session.launch_block(conds[b], action) for b in range(2, BLOCKS)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert video.shape[2] == 12 and torch.isfinite(video).all()
+    for block in pending:
+        output = block.result()
+        assert output.frames.shape[0] == 12 and set(output.timings) >= {"denoise", "cache_update", "vae_decode"}
     session.close()
+
+
+def test_queued_blocks_equal_blocks_run_one_by_one(models):
+    """Blocks queued ahead (the next block's DiT steps beside this block's VAE decode on the output stream) give
+    the frames of blocks run one at a time."""
+    decoder, visual_context, conds = models
+    action = decoder.action_space.from_names(["forward"], [0.1, 0.0])
+    one_by_one = decoder.open_session(visual_context, seed=5, max_blocks=BLOCKS)
+    want = [one_by_one.run_block(cond, action).frames for cond in conds]
+    one_by_one.close()
+    queued = decoder.open_session(visual_context, seed=5, max_blocks=BLOCKS)
+    pending = [queued.launch_block(cond, action) for cond in conds]
+    got = [block.result().frames for block in pending]
+    queued.close()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_graph_replay_matches_the_plain_call(models):

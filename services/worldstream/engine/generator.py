@@ -1,7 +1,7 @@
 """Decoder side of a world model: the causal DiT, its per-session caches, the block loop and streaming VAE decode.
 
 `DecoderModels` is built once per process; `GenerationSession` is one user's stream. Batch and streaming
-front-ends both call `GenerationSession.run_block` block after block: one core, two front-ends. The same code
+front-ends both call `GenerationSession.run_block` (or `launch_block`) block after block: one core, two front-ends. The same code
 runs every configuration of the causal DiT: Matrix-Game-2 sessions start from CLIP tokens and take a
 `cond_concat` and an action per block; text-to-video sessions (Self-Forcing, LongLive) start from a prompt's text
 context and take nothing per block. LongLive sessions may switch prompts between blocks (`switch_prompt`), and a
@@ -39,32 +39,56 @@ class BlockOutput:
 
 
 class StageClock:
-    """Stage durations without host syncs: CUDA events on a GPU (read once the block is on the host)."""
+    """Stage durations without host syncs: CUDA events on a GPU (read once the block is on the host).
+
+    A stage lasts from the mark before it, or from the mark named `since` (a stage on another stream that forked
+    there: the VAE decode runs beside the cache update)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object]] = []
+        self.marks: list[tuple[str, object, str | None]] = []
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, since: str | None = None) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((name, event))
+            event.record()  # on the current stream
+            self.marks.append((name, event, since))
         else:
-            self.marks.append((name, time.perf_counter()))
+            self.marks.append((name, time.perf_counter(), since))
+
+    def point(self, name: str) -> object:
+        """The event (GPU) or time (CPU) of mark `name`."""
+        return next(point for mark, point, _ in self.marks if mark == name)
 
     def wait(self) -> None:
-        """Wait until the last mark is reached on the device. Sessions share the device's stream, so this
-        waits for this block's work (and whatever was queued before it), never for work queued after it."""
-        if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()
+        """Wait until every mark is reached on the device. Sessions share the device's streams, so this waits for
+        this block's work (and whatever was queued before it), never for work queued after it."""
+        if self.cuda:
+            for _, event, _ in self.marks:
+                event.synchronize()
 
     def durations(self) -> dict[str, float]:
-        """Seconds between consecutive marks, named by the later one (call after `wait`)."""
+        """Seconds per stage, named by the mark that ends it (call after `wait`)."""
         out = {}
-        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
+        for (_, previous, _), (name, end, since) in zip(self.marks, self.marks[1:]):
+            start = self.point(since) if since else previous
             out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
         return out
+
+
+@dataclass
+class PendingBlock:
+    """A block whose device work is queued: `result()` waits for its frames (the block's one host sync). A
+    caller may queue the next block first, so that its DiT steps overlap this block's VAE decode."""
+    index: int
+    latents: torch.Tensor  # [1, 16, n, h, w] on the model's device
+    frames: torch.Tensor  # uint8 [T, H, W, 3] on the host, complete once the clock's marks are reached
+    clock: StageClock
+    switched: bool
+
+    def result(self) -> BlockOutput:
+        self.clock.wait()
+        return BlockOutput(self.index, self.frames, self.latents, self.clock.durations(), self.switched)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -144,6 +168,12 @@ class DecoderModels:
     def switches_prompts(self) -> bool:
         """Sessions may switch prompts between blocks (LongLive: a frame-sink window and its re-cache)."""
         return self.global_sink is not None and self.text_to_video
+
+    @property
+    def continues_videos(self) -> bool:
+        """Sessions may start by continuing a video (`condition_on_video`): text-to-video configs with a
+        `conditioning` section (its clip limits)."""
+        return self.text_to_video and "conditioning" in self.cfg
 
     @property
     def context_shape(self) -> tuple[int, int, int]:
@@ -244,6 +274,8 @@ class GenerationSession:
                                       noise or GaussianNoise(seed, device), models.frames_per_block,
                                       models.dit_graphs.take() if models.dit_graphs else None)
         self.vae = VAEDecodeStream(models.vae)
+        # The VAE decode and the copy to the host run here, beside the DiT (see `launch_block`).
+        self.output_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.closed = False
         self.next_context: torch.Tensor | None = None  # a switched prompt the next block starts with
 
@@ -298,12 +330,16 @@ class GenerationSession:
                              f"{frames} latent frames; a session of this config reaches {reach}")
         self.denoiser.condition(self._to_device(latents))
         self.denoiser.set_context(context)
-        video = self.vae.decode(latents.to(models.device, models.vae.conv2.weight.dtype))
-        return video_to_uint8(video).cpu()
+        latents = latents.to(models.device, models.vae.conv2.weight.dtype)
+        with self._output_stream(after=None, reads=latents):  # where the decoder's caches live
+            return video_to_uint8(self.vae.decode(latents)).cpu()
 
-    def generate(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None,
-                 clock: StageClock | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device work of one block, free of host syncs: (latents [1,16,n,h,w], video [1,3,T,H,W] in [-1, 1]).
+    def launch_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None
+                     ) -> PendingBlock:
+        """Queue the device work of the next block, free of host syncs; `result()` of the answer waits for its
+        frames. On a GPU the VAE decode and the copy to the host run on the session's output stream, forked
+        after the denoising steps: they overlap the cache update, and the next block's steps when the caller
+        queues that block before waiting for this one.
 
         `cond_concat` and `action`: the block's conditioning where the model takes them (Matrix-Game-2), None
         where it does not (text-to-video)."""
@@ -312,6 +348,8 @@ class GenerationSession:
             raise ValueError("this model takes a cond_concat and an action per block" if self.takes_cond else
                              "this model (text-to-video) takes no per-block cond_concat or action")
         b = self.block_index
+        clock = StageClock(self.models.device)
+        switched = self.next_context is not None and self.denoiser.frames_cached > 0
         with record_function(f"block_{b}"):
             with record_function("data_preparation"):
                 keyboard = mouse = None
@@ -320,21 +358,34 @@ class GenerationSession:
                     keyboard, mouse = (self._to_device(rows) for rows in self.track.window_rows(b))
                     keyboard, mouse = keyboard[None], None if mouse is None else mouse[None]
                 cond_concat = self._to_device(cond_concat)
-            if clock is not None:
-                clock.mark("start")
+            clock.mark("start")
             if self.next_context is not None:
-                recache = self.denoiser.frames_cached > 0  # (before anything is cached, a switch only sets it)
                 self.denoiser.switch_context(self.next_context, self.models.global_sink)
                 self.next_context = None
-                if clock is not None and recache:
+                if switched:  # (before anything is cached, a switch only sets the context)
                     clock.mark("recache")
             latents = self.denoiser.denoise(b, cond_concat, keyboard, mouse, clock=clock)
-            with record_function("vae_decode"):
-                video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
-            if clock is not None:
-                clock.mark("vae_decode")
+            with self._output_stream(after=clock.point("denoise") if clock.cuda else None, reads=latents):
+                with record_function("vae_decode"):
+                    video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
+                clock.mark("vae_decode", since="denoise")
+                with record_function("to_host"):
+                    frames = video_to_uint8(video).to("cpu", non_blocking=True)
+                clock.mark("to_host")
         self.block_index += 1
-        return latents, video
+        return PendingBlock(b, latents, frames, clock, switched)
+
+    def _output_stream(self, after: torch.cuda.Event | None, reads: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Run the enclosed work on the session's output stream once `after` is reached (None: all work queued so
+        far on the current stream) (GPU; on a CPU in place). `reads`, made on the current stream, is kept from reuse until the output stream is done."""
+        if self.output_stream is None:
+            return contextlib.nullcontext()
+        if after is None:
+            self.output_stream.wait_stream(torch.cuda.current_stream())
+        else:
+            self.output_stream.wait_event(after)
+        reads.record_stream(self.output_stream)
+        return torch.cuda.stream(self.output_stream)
 
     def _to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """Move host inputs to the model's device through pinned memory: an asynchronous copy (a copy from
@@ -346,15 +397,8 @@ class GenerationSession:
         return tensor.to(self.models.device)
 
     def run_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None) -> BlockOutput:
-        clock = StageClock(self.models.device)
-        index = self.block_index
-        switched = self.next_context is not None and self.denoiser.frames_cached > 0
-        latents, video = self.generate(cond_concat, action, clock)
-        with record_function("to_host"):
-            frames = video_to_uint8(video).to("cpu", non_blocking=True)
-        clock.mark("to_host")
-        clock.wait()  # the block's one sync: its frames are the output
-        return BlockOutput(index, frames, latents, clock.durations(), switched)
+        """The next block, its frames on the host."""
+        return self.launch_block(cond_concat, action).result()
 
     def close(self) -> None:
         """Free the session's device state (caches, decoder cache) at once; idempotent."""
