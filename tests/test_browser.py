@@ -1,6 +1,7 @@
 """The play page in a real headless Chromium (Playwright, driving the Debian `chromium` binary; nothing is
-downloaded), against the gateway and both services as real processes on the tiny config. Plus the gateway's
-limits and error relay over a plain WebSocket client.
+downloaded), against the gateway and both services as real processes on the tiny configs: an image deployment
+(Matrix-Game-2) and a text-to-video one (Self-Forcing). Plus the gateway's limits and error relay over a plain
+WebSocket client, and its request building in-process.
 
 WORLDSTREAM_CHROMIUM names the browser binary (default: `chromium` or `chromium-browser` on PATH);
 WORLDSTREAM_UPDATE_SCREENSHOT=1 also writes the screenshot of a playing session to docs/browser.png."""
@@ -93,6 +94,17 @@ def stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def t2v_stack(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("browser-t2v")
+    with running_services(logs, config="selfforcing/t2v_tiny") as services:
+        gateway = GatewayProcess(services.address, logs / "gateway.log")
+        try:
+            yield services, gateway
+        finally:
+            gateway.stop()
+
+
+@pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None:
         skip_loudly("no Chromium found (install the Debian package: apt-get install -y chromium, or set "
@@ -173,6 +185,60 @@ def test_webrtc_transport_and_recording(browser, stack):
     assert "ended" in page.text_content("#status")
     page.close()
     wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
+
+
+def test_text_to_video_in_the_browser(browser, t2v_stack):
+    """On a text-to-video deployment the page starts from the typed prompt: frames arrive with no key overlay and
+    no switch box (Self-Forcing cannot switch prompts); a page opened afterwards offers only the prompt."""
+    services, gateway = t2v_stack
+    page = open_page(browser, gateway)
+    assert page.is_visible("#prompt") and page.is_visible("#image-setup")  # no session has shown the family yet
+    page.fill("#prompt", "a red fox runs through fresh snow")
+    page.click("#start")
+    page.wait_for_function("Number(document.getElementById('frame-count').textContent) >= 12", timeout=120_000)
+    assert "self_forcing" in page.text_content("#mode")
+    assert page.is_hidden("#overlay") and page.is_hidden("#switch") and page.is_hidden("#image-setup")
+    assert "no keys" in page.text_content("#keys-help") and page.is_hidden("#error")
+    page.click("#stop")
+    page.wait_for_function("window.worldstream.stats.ended !== null", timeout=60_000)
+    assert page.evaluate("window.worldstream.stats.ended.reason") == "client_stop"
+    page.wait_for_selector("#download:not([hidden])")  # the recording, without an action overlay
+    page.close()
+
+    page = open_page(browser, gateway)
+    assert page.is_visible("#prompt") and page.is_hidden("#image-setup")
+    page.click("#start")  # no prompt typed: the page asks for one instead of starting
+    assert "Type a prompt" in page.text_content("#error")
+    page.close()
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
+
+
+async def _switch_during(url: str, start: dict, switch: dict) -> dict:
+    """Starts a session, sends `switch` once its info came; returns the next message that is no block or pong."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(url.replace("http", "ws") + "/ws") as ws:
+        await ws.send_json(start)
+        while (message := await ws.receive_json(timeout=60))["type"] != "info":
+            assert message["type"] != "error", message
+        await ws.send_json(switch)
+        while (message := await ws.receive(timeout=60)).type != aiohttp.WSMsgType.TEXT or json.loads(
+                message.data)["type"] in ("block", "pong"):
+            pass
+        return json.loads(message.data)
+
+
+def test_gateway_refuses_what_a_text_session_cannot_take(t2v_stack):
+    services, gateway = t2v_stack
+    start = {"type": "start", "prompt": "a lighthouse at dusk"}
+    answer = run_async(_switch_during(gateway.url, start, {"type": "switch", "prompt": "a storm"}))
+    assert answer["code"] == "no_prompt_switching" and not answer["fatal"] and "LongLive" in answer["message"]
+    answer = run_async(_switch_during(gateway.url, start, {"type": "input", "keys": ["W"], "mouse": [0, 0]}))
+    assert answer["code"] == "bad_input" and "takes no keyboard or mouse" in answer["message"]
+    replies = exchange(gateway.url, [{"type": "start", "image": {"demo": "corridor"}}], "error")
+    assert replies[-2]["fatal"] and replies[-2]["code"] == "decoder_invalid_argument"
+    assert "start the session with `prompt`" in replies[-2]["message"]
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the sessions")
 
 
 def test_upload_of_a_non_image_shows_an_error(browser, stack):
@@ -272,6 +338,45 @@ def test_gateway_relays_decoder_errors_and_enforces_limits(stack):
 
 
 # ---- the gateway's pieces, in-process ----------------------------------------------------------------------------
+
+def test_page_start_and_switch_requests():
+    from worldstream.gateway.requests import MAX_PROMPT_BYTES, PageError, session_start, switch_request
+    from worldstream.v1 import session_pb2
+
+    demos = {"corridor": REPO / "client/worldstream/gateway/static/demos/corridor.png"}
+
+    def start(**message):
+        return session_start(message, demos, max_image_bytes=1 << 20, jpeg_quality=70)
+
+    text = start(prompt="a fox in snow", seed=5)
+    assert (text.prompt, text.image, text.seed, text.jpeg_quality) == ("a fox in snow", b"", 5, 70)
+    assert text.pacing == session_pb2.PACING_LOCKSTEP  # the gateway requests each block as the playout drains
+    image = start(image={"demo": "corridor"})
+    assert image.image == demos["corridor"].read_bytes() and not image.prompt
+    assert image.pacing == session_pb2.PACING_REALTIME and image.frame_encoding == session_pb2.FRAME_ENCODING_JPEG
+    upload = start(image={"data": base64.b64encode(b"png bytes").decode(), "name": "me.png"})
+    assert upload.image == b"png bytes"
+    assert switch_request({"prompt": "a storm"}).switch_prompt.prompt == "a storm"
+
+    for message, code, says in [
+        ({}, "bad_start", "exactly one"),
+        ({"prompt": "a fox", "image": {"demo": "corridor"}}, "bad_start", "exactly one"),
+        ({"prompt": "  \n"}, "bad_prompt", "empty"),
+        ({"prompt": 7}, "bad_prompt", "empty"),
+        ({"prompt": "\ud800"}, "bad_prompt", "not valid Unicode"),
+        ({"prompt": "é" * (MAX_PROMPT_BYTES // 2 + 1)}, "bad_prompt", f"at most {MAX_PROMPT_BYTES}"),
+        ({"prompt": "a fox", "seed": -1}, "bad_seed", "whole number"),
+        ({"image": {"demo": "nope"}}, "bad_image", "corridor"),
+        ({"image": {"data": "not base64!", "name": "x.png"}}, "bad_image", "not valid base64"),
+        ({"image": {"data": "A" * (2 << 20), "name": "big.png"}}, "image_too_large", "1 MiB"),
+    ]:
+        with pytest.raises(PageError) as caught:
+            start(**message)
+        assert caught.value.code == code and says in str(caught.value), message
+    with pytest.raises(PageError) as caught:
+        switch_request({"prompt": ""})
+    assert caught.value.code == "bad_prompt" and "the new prompt" in str(caught.value)
+
 
 def test_input_mapping_keys_mouse_and_echo():
     from worldstream.api.spaces import get_action_space

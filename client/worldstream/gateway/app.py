@@ -18,7 +18,7 @@ from worldstream.client.tls import ChannelTLS, open_channel
 from worldstream.v1 import session_pb2, session_pb2_grpc
 from .metrics import GatewayMetrics
 from .recording import Recording
-from .tab import Tab
+from .tab import Tab, deployment
 
 log = logging.getLogger("worldstream.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -79,6 +79,13 @@ class Gateway:
         self.sessions_active = 0
         self.channel: grpc.aio.Channel | None = None
         self.stub: session_pb2_grpc.WorldSessionServiceStub | None = None
+        # The decoder deployment's family as its latest session showed it (`tab.deployment`); None before one.
+        # The page picks its start form (image or prompt) by it; a decoder redeployed under another family answers
+        # the other start with INVALID_ARGUMENT and its first session corrects it.
+        self.deployment: dict | None = None
+
+    def saw_deployment(self, info: session_pb2.SessionInfo) -> None:
+        self.deployment = deployment(info)
 
     def hold_session(self) -> None:
         self.sessions_active += 1
@@ -120,9 +127,11 @@ class Gateway:
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def config(self, request: web.Request) -> web.Response:
-        """What the page needs before a session: demo images, transports, limits."""
+        """What the page needs before a session: demo images, transports, limits, and the deployment if a session
+        showed it already."""
         return web.json_response({
             "demos": [{"name": name, "url": f"/static/demos/{path.name}"} for name, path in self.demos.items()],
+            "deployment": self.deployment,
             "transports": self.transports, "default_transport": self.default_transport,
             "limits": {"max_image_bytes": self.limits.max_image_bytes, "input_rate": self.limits.input_rate,
                        "max_sessions": self.limits.max_sessions}})

@@ -1,5 +1,5 @@
-"""The session as an mp4 for the page's download button: the frames with the applied action drawn on them
-(`worldstream.client.video.VideoWriter`, PyAV), encoded on one worker thread so the event loop never waits."""
+"""The session as an mp4 for the page's download button: the frames with the applied action drawn on them (image
+sessions; text sessions have no action) (`worldstream.client.video.VideoWriter`, PyAV), encoded on one worker thread so the event loop never waits."""
 from __future__ import annotations
 
 import asyncio
@@ -17,15 +17,15 @@ log = logging.getLogger("worldstream.gateway")
 
 
 class Recording:
-    def __init__(self, directory: Path, fps: int, space: ActionSpace):
+    def __init__(self, directory: Path, fps: int, space: ActionSpace | None):
         self.token = secrets.token_urlsafe(16)  # the download URL is the only way to it
         self.path = directory / f"{self.token}.mp4"
         self.finished = False
         self.failed: BaseException | None = None
-        self._writer = VideoWriter(self.path, fps, overlay=True, action_space=space)
+        self._writer = VideoWriter(self.path, fps, overlay=space is not None, action_space=space)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recording")
 
-    def write(self, frames: np.ndarray, action: BlockAction) -> None:
+    def write(self, frames: np.ndarray, action: BlockAction | None) -> None:
         """Queues a block (blocks are written in order); does not wait for the encoder."""
         self._worker.submit(self._writer.write, frames, action).add_done_callback(self._check)
 

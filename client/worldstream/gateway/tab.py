@@ -1,22 +1,22 @@
 """One browser tab: its WebSocket (JSON control and input messages in; info, blocks, errors and JPEG frames out)
-and at most one live decoder session at a time, in REALTIME pacing. The session ends when the page stops it,
-when the decoder ends it, or when the tab's WebSocket closes.
+and at most one live decoder session at a time: an image session (REALTIME, driven by the page's input) or a
+text-to-video session (LOCKSTEP, one empty action per block as the playout drains; see `requests.session_start`).
+The session ends when the page stops it, when the decoder ends it, or when the tab's WebSocket closes.
 
 Page -> gateway (JSON text messages):
-    {"type": "start", "image": {"demo": NAME} | {"data": BASE64, "name": FILE}, "transport": "jpeg" | "webrtc",
-     "seed": INT, "record": BOOL, "offer": SDP (webrtc)}
+    {"type": "start", "image": {"demo": NAME} | {"data": BASE64, "name": FILE} | "prompt": TEXT,
+     "transport": "jpeg" | "webrtc", "seed": INT, "record": BOOL, "offer": SDP (webrtc)}
     {"type": "input", "keys": ["W", ...] (held, in press order), "mouse": [dx, dy] (pixels since the last input)}
+    {"type": "switch", "prompt": TEXT}               text sessions of deployments with prompt switching (LongLive)
     {"type": "stop"}
     {"type": "ping", "t": MS}                        clock offset for the latency readout
     {"type": "stats", "paint_latency": [SECONDS...]} the page's latency samples, for the gateway's metrics
-Gateway -> page: JSON {"type": "info" | "answer" | "block" | "sent" | "end" | "error" | "pong", ...}, and one
-binary message per frame on the JPEG transport (`transports.FRAME_HEADER`, then the JPEG file).
+Gateway -> page: JSON {"type": "info" | "answer" | "block" | "switched" | "sent" | "end" | "error" | "pong", ...},
+and one binary message per frame on the JPEG transport (`transports.FRAME_HEADER`, then the JPEG file).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -27,29 +27,25 @@ from aiohttp import WSMsgType, web
 
 from worldstream.api.layout import BlockLayout
 from worldstream.api.messages import action_message, action_space_from_message, parse_action
-from worldstream.api.spaces import BlockAction
+from worldstream.api.spaces import ActionSpace, BlockAction
 from worldstream.client.frames import decode_frames
-from worldstream.client.session import start_request
 from worldstream.v1 import session_pb2
 from .input import InputError, InputMapper, RateLimit
 from .playout import Frame, Playout
 from .recording import Recording
+from .requests import PageError, session_start, switch_request
 from .transports import JpegOverWebSocket, now_ms
 
 if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("worldstream.gateway")
-MAX_CONTROL_BYTES = 64 << 10  # every message but `start` (which carries the image) is far smaller
+MAX_CONTROL_BYTES = 64 << 10  # every message but `start` (an image) and `switch` (a prompt) is far smaller
 MAX_STATS_SAMPLES = 256
-
-
-class PageError(Exception):
-    """Something the page asked for that cannot be done; `code` and the message are shown on the page."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+# Text sessions: blocks requested beyond the one being queued for playout. Two keep the decoder busy while a block
+# plays, and a prompt switch takes effect at most that many blocks after what is on screen.
+TEXT_BLOCKS_AHEAD = 2
+SWITCH_RATE, SWITCH_BURST = 1.0, 3  # prompt switches per second per tab; a person types slower
 
 
 def millis(timestamp) -> float:
@@ -72,6 +68,8 @@ class LiveSession:
         self.write_lock = asyncio.Lock()
         self.writing_done = False
         self.layout: BlockLayout | None = None
+        self.info: session_pb2.SessionInfo | None = None
+        self.blocks_requested = 0  # text sessions: empty actions sent
         self.end: session_pb2.SessionEnd | None = None
 
     async def run(self) -> None:
@@ -103,9 +101,15 @@ class LiveSession:
         if response is grpc.aio.EOF or response.WhichOneof("response") != "info":
             raise PageError("decoder_protocol", "the decoder did not answer the start with `info`")
         info = response.info
-        space = action_space_from_message(info.mode, info.action_space)
+        text = not info.HasField("action_space")  # text-to-video families take empty actions
+        if text != bool(self.start.prompt):  # the pacing was chosen by the start's kind
+            raise PageError("decoder_protocol", f"the decoder answered a {'prompt' if self.start.prompt else 'image'} "
+                                                f"start with a {info.family} session")
+        space = None if text else action_space_from_message(info.mode, info.action_space)
         self.layout = BlockLayout.from_block_frames(info.first_block_frames, info.block_frames)
-        self.mapper = InputMapper(space)
+        self.mapper = None if text else InputMapper(space)
+        self.info = info
+        self.gateway.saw_deployment(info)
         if self.record:
             self.recording = self.tab.new_recording(info.fps, space)
         if self.transport_name == "webrtc":
@@ -121,11 +125,15 @@ class LiveSession:
         await self.tab.send({
             "type": "info", "session_id": info.session_id, "mode": info.mode, "height": info.height,
             "width": info.width, "fps": info.fps, "max_blocks": info.max_blocks, "transport": self.transport_name,
-            "key_names": list(space.key_names), "mouse_dim": space.mouse_dim, "one_hot": space.one_hot,
-            "bindings": bindings, "recording": self.recording is not None})
+            **deployment(info), "prompt_tokens_dropped": info.prompt_tokens_dropped,
+            "key_names": list(space.key_names) if space else [], "mouse_dim": space.mouse_dim if space else 0,
+            "one_hot": bool(space and space.one_hot), "bindings": bindings, "recording": self.recording is not None})
         if self.transport_name == "webrtc":
             await self.tab.send({"type": "answer", "sdp": answer})
-        if self.pending_input is not None:
+        if text:
+            for _ in range(TEXT_BLOCKS_AHEAD):
+                await self._request_block()
+        elif self.pending_input is not None:
             await self.input(self.pending_input)
         return info
 
@@ -155,28 +163,41 @@ class LiveSession:
                 response = await self.call.read()
                 if response is grpc.aio.EOF:
                     raise PageError("decoder_protocol", "the decoder closed the session without `end`")
-                if response.WhichOneof("response") == "end":
+                kind = response.WhichOneof("response")
+                if kind == "end":
                     self.end = response.end
                     # Only the call's status follows: let it arrive instead of cancelling a call the decoder is
                     # still finishing (it would count it as cancelled).
                     await self._write(None, last=True)
                     await self.call.code()
                     return
+                if kind == "prompt_switched":
+                    switched = response.prompt_switched
+                    await self.tab.send({"type": "switched", "block": switched.block_index,
+                                         "count": switched.switch_count,
+                                         "tokens_dropped": switched.prompt_tokens_dropped})
+                    continue
+                if kind != "block":
+                    raise PageError("decoder_protocol", f"the decoder sent `{kind}` in a session started without "
+                                                        "a video")
                 block = response.block
                 received = now_ms()
                 self.gateway.metrics.block_receive_delay.observe(max(0.0, received - millis(block.send_time)) / 1e3)
-                action = parse_action(block.action, self.mapper.space, self.layout,
-                                      block.block_index if block.action.frames else None,
-                                      f"echo of block {block.block_index}")
+                action = None if self.mapper is None else parse_action(
+                    block.action, self.mapper.space, self.layout, block.block_index if block.action.frames else None,
+                    f"echo of block {block.block_index}")
                 pixels = await loop.run_in_executor(None, decode_frames, block, info) if needs_pixels else None
                 if self.recording is not None:
                     self.recording.write(pixels, action)
                 await self.tab.send({
                     "type": "block", "index": block.block_index, "first_seq": seq, "frames": len(block.frames),
-                    "send_time": millis(block.send_time), "received": received, "echo": self.mapper.echo(action)})
+                    "send_time": millis(block.send_time), "received": received,
+                    "echo": None if action is None else self.mapper.echo(action)})
                 for i, jpeg in enumerate(block.frames):
                     await playout.put(Frame(seq, block.block_index, jpeg, None if pixels is None else pixels[i]))
                     seq += 1
+                if self.mapper is None:  # its frames are queued: request the next block
+                    await self._request_block()
         finally:
             await playout.close()
 
@@ -192,32 +213,69 @@ class LiveSession:
         await self.tab.send({"type": "sent", "seq": seq, "t": at})
 
     async def input(self, message: dict[str, Any]) -> None:
-        if self.mapper is None:
+        if self.info is None:
             self.pending_input = message
             return
+        if self.mapper is None:
+            raise InputError(f"this {self.info.family} session is text-to-video: it takes no keyboard or mouse")
         action = self.mapper.action(message)
         if self.last_action is not None and _same(action, self.last_action):
             return
         self.last_action = action
         await self._write(session_pb2.SessionRequest(action=action_message(action)))
 
+    async def switch(self, message: dict[str, Any]) -> None:
+        """Sends a prompt switch; it takes effect at the next block requested (LOCKSTEP)."""
+        request = switch_request(message)
+        info = self.info
+        if info is None:
+            raise PageError("not_started", "the session is still starting; switch once its first frames play")
+        if not info.prompt_switching:
+            raise PageError("no_prompt_switching", f"this deployment ({info.family}) cannot switch prompts; "
+                                                   "LongLive deployments can")
+        async with self.write_lock:
+            # A switch after the last block's action has no block to take effect at: the decoder would end the
+            # session with INVALID_ARGUMENT.
+            if self.blocks_requested >= info.max_blocks:
+                raise PageError("switch_too_late", f"all {info.max_blocks} blocks of this session are already "
+                                                   "requested, so no block is left to switch at; start a new "
+                                                   "session with the new prompt")
+            await self._write_locked(request)
+
+    async def _request_block(self) -> None:
+        """Text sessions: the empty action of the next block, unless every block is requested."""
+        async with self.write_lock:
+            if self.blocks_requested < self.info.max_blocks:
+                self.blocks_requested += 1
+                await self._write_locked(session_pb2.SessionRequest(action=session_pb2.Action()))
+
     async def stop(self) -> None:
-        """The decoder ends the session after the block in progress and sends `end`."""
+        """The decoder ends the session after the block in progress (the blocks requested, text sessions) and
+        sends `end`."""
         await self._write(session_pb2.SessionRequest(stop=session_pb2.StopSession()), last=True)
 
     async def _write(self, request: session_pb2.SessionRequest | None, last: bool = False) -> None:
         """Sends `request` (if any); `last`: then half-closes the request stream."""
         async with self.write_lock:
-            if self.writing_done or self.call is None or self.call.done():
-                return
-            try:
-                if request is not None:
-                    await self.call.write(request)
-                if last:
-                    self.writing_done = True
-                    await self.call.done_writing()
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                pass  # the call already ended; `run` reports its status
+            await self._write_locked(request, last)
+
+    async def _write_locked(self, request: session_pb2.SessionRequest | None, last: bool = False) -> None:
+        if self.writing_done or self.call is None or self.call.done():
+            return
+        try:
+            if request is not None:
+                await self.call.write(request)
+            if last:
+                self.writing_done = True
+                await self.call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call already ended; `run` reports its status
+
+
+def deployment(info: session_pb2.SessionInfo) -> dict[str, Any]:
+    """What a page needs to know of the decoder's deployment before it starts a session (`/api/config`)."""
+    return {"family": info.family, "text": not info.HasField("action_space"),
+            "prompt_switching": info.prompt_switching, "video_conditioning": info.video_conditioning}
 
 
 def _same(a: BlockAction, b: BlockAction) -> bool:
@@ -234,6 +292,7 @@ class Tab:
         self.recordings: list[Recording] = []
         limits = gateway.limits
         self.input_rate = RateLimit(limits.input_rate, limits.input_burst)
+        self.switch_rate = RateLimit(SWITCH_RATE, SWITCH_BURST)  # each switch is a text encode on the encoder
         self.rate_error_at = 0.0
 
     async def serve(self) -> None:
@@ -264,13 +323,13 @@ class Tab:
             if not isinstance(message, dict):
                 raise PageError("bad_message", "messages must be JSON objects with a `type`")
             kind = message.get("type")
-            if kind != "start" and len(data) > MAX_CONTROL_BYTES:
+            if kind not in ("start", "switch") and len(data) > MAX_CONTROL_BYTES:
                 raise PageError("message_too_large", f"`{kind}` messages must be under {MAX_CONTROL_BYTES} bytes")
-            handler = {"start": self._start, "input": self._input, "stop": self._stop, "ping": self._ping,
-                       "stats": self._stats}.get(kind)
+            handler = {"start": self._start, "input": self._input, "switch": self._switch, "stop": self._stop,
+                       "ping": self._ping, "stats": self._stats}.get(kind)
             if handler is None:
-                raise PageError("bad_message", f"unknown message type {kind!r}; expected start, input, stop, "
-                                               "ping or stats")
+                raise PageError("bad_message", f"unknown message type {kind!r}; expected start, input, switch, "
+                                               "stop, ping or stats")
             await handler(message)
         except json.JSONDecodeError as e:
             await self.error("bad_message", f"messages must be JSON: {e}")
@@ -293,42 +352,15 @@ class Tab:
         offer = message.get("offer")
         if transport == "webrtc" and not isinstance(offer, str):
             raise PageError("webrtc_offer", "a WebRTC start needs the page's SDP offer in `offer`")
-        seed = message.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
-            raise PageError("bad_seed", "the seed must be a whole number from 0 to 2^63 - 1")
-        image = self._image(message.get("image"))
+        start = session_start(message, gateway.demos, gateway.limits.max_image_bytes, gateway.jpeg_quality)
         for recording in self.recordings:  # one download per tab: the latest session's
             gateway.recordings.pop(recording.token, None)
             await recording.discard()
         self.recordings.clear()
-        start = start_request(image, seed=seed, frame_encoding="jpeg", jpeg_quality=gateway.jpeg_quality,
-                              pacing="realtime")
         self.session = LiveSession(self, start, transport, offer, bool(message.get("record", True)))
         gateway.hold_session()
         self.task = asyncio.create_task(self.session.run())
         self.task.add_done_callback(lambda _: gateway.release_session())  # also if cancelled before it ran
-
-    def _image(self, spec: Any) -> bytes:
-        limit = self.gateway.limits.max_image_bytes
-        if isinstance(spec, dict) and isinstance(spec.get("demo"), str):
-            path = self.gateway.demos.get(spec["demo"])
-            if path is None:
-                raise PageError("bad_image", f"no demo image {spec['demo']!r}; choose one of "
-                                             f"{', '.join(sorted(self.gateway.demos))}")
-            return path.read_bytes()
-        if isinstance(spec, dict) and isinstance(spec.get("data"), str):
-            name = str(spec.get("name", "the upload"))[:200]
-            if len(spec["data"]) > 4 * (-(-limit // 3)):
-                raise PageError("image_too_large", f"{name} is larger than the gateway's limit of {_mib(limit)}")
-            try:
-                data = base64.b64decode(spec["data"], validate=True)
-            except (binascii.Error, ValueError):
-                raise PageError("bad_image", f"{name}: the upload is not valid base64") from None
-            if not data:
-                raise PageError("bad_image", f"{name} is empty; choose a PNG or JPEG image")
-            return data
-        raise PageError("bad_image", "choose a conditioning image: `image` is {\"demo\": NAME} or "
-                                     "{\"data\": BASE64, \"name\": FILE}")
 
     async def _input(self, message: dict[str, Any]) -> None:
         self.gateway.metrics.input_messages.inc()
@@ -342,6 +374,14 @@ class Tab:
             return
         if self.session is not None and not self.task.done():
             await self.session.input(message)
+
+    async def _switch(self, message: dict[str, Any]) -> None:
+        if self.session is None or self.task.done():
+            raise PageError("no_session", "no session is playing in this tab; start one with the prompt instead")
+        if not self.switch_rate.allow():
+            raise PageError("switch_rate", f"prompt switches are limited to {SWITCH_RATE:g} per second (bursts of "
+                                           f"{SWITCH_BURST}); this one was dropped")
+        await self.session.switch(message)
 
     async def _stop(self, message: dict[str, Any]) -> None:
         if self.session is not None and not self.task.done():
@@ -361,7 +401,7 @@ class Tab:
             for value in samples:
                 histogram.observe(value)
 
-    def new_recording(self, fps: int, space) -> Recording:
+    def new_recording(self, fps: int, space: ActionSpace | None) -> Recording:
         recording = Recording(self.gateway.recordings_dir, fps, space)
         self.recordings.append(recording)
         self.gateway.recordings[recording.token] = recording
@@ -381,7 +421,3 @@ class Tab:
         self.gateway.metrics.errors.labels(code).inc()
         log.info("error shown to a page: %s: %s", code, message)
         await self.send({"type": "error", "code": code, "message": message, "fatal": fatal})
-
-
-def _mib(size: int) -> str:
-    return f"{size / (1 << 20):g} MiB"

@@ -1,6 +1,7 @@
-// The play page: one WebSocket to the gateway per tab (control, input, JPEG frames), an optional WebRTC video
-// track, the action overlay and the FPS and latency readouts. The message protocol is described in the
-// gateway's tab.py.
+// The play page: one WebSocket to the gateway per tab (control, input, prompt switches, JPEG frames), an optional
+// WebRTC video track, the action overlay and the FPS and latency readouts. Image deployments start from an image and
+// take keys and the mouse; text-to-video deployments start from a prompt, and LongLive ones switch prompts while the
+// video plays. The message protocol is described in the gateway's tab.py.
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -9,13 +10,16 @@ const ui = {
   stop: $("stop"), download: $("download"), game: $("game"), canvas: $("canvas"), video: $("video"),
   heldKeys: $("held-keys"), heldMouse: $("held-mouse"), echoKeys: $("echo-keys"), echoMouse: $("echo-mouse"),
   fps: $("fps"), latency: $("latency"), frameCount: $("frame-count"), blockIndex: $("block-index"),
-  keysHelp: $("keys-help"), sessionInfo: $("session-info"),
+  keysHelp: $("keys-help"), sessionInfo: $("session-info"), overlay: $("overlay"), setupHelp: $("setup-help"),
+  promptSetup: $("prompt-setup"), prompt: $("prompt"), imageSetup: $("image-setup"), switchForm: $("switch"),
+  switchPrompt: $("switch-prompt"), switchButton: $("switch-button"), switchStatus: $("switch-status"),
 };
 const FRAME_HEADER_BYTES = 16; // uint32 seq, uint32 block, float64 sent-at ms (little endian)
 const INPUT_TICK_MS = 40; // mouse motion is sent at most this often
 const RTP_CLOCK = 90000;
 
 let config = null; // GET /api/config
+let deployment = null; // {family, text, prompt_switching, ...} once a session (here or in another tab) showed it
 let ws = null;
 let session = null; // the running session's state, null when idle
 let upload = null; // {name, file} once a valid upload is chosen
@@ -23,7 +27,7 @@ let clockOffset = 0; // gateway clock minus this page's clock (ms), from the bes
 let bestRtt = Infinity;
 
 // Public for the browser test and the latency benchmark: counters and per-frame samples.
-const stats = { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, errors: [] };
+const stats = { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, errors: [], switches: [] };
 window.worldstream = { stats, get session() { return session; } };
 
 function showError(message) {
@@ -86,17 +90,31 @@ function onMessage(message) {
     case "block": onBlock(message); break;
     case "sent": session?.sent.set(message.seq, message.t); break;
     case "end": onEnd(message); break;
+    case "switched": onSwitched(message); break;
     case "error":
       showError(message.message);
-      if (message.fatal && session) endSession(null);
+      if (message.fatal && session) {
+        if (!session.info) showDeployment(null); // the start was refused: maybe the deployment changed
+        endSession(null);
+      }
       break;
   }
+}
+
+// The start form of the deployment: the prompt (text-to-video) or the image, both while it is unknown.
+function showDeployment(known) {
+  deployment = known;
+  ui.promptSetup.hidden = known !== null && !known.text;
+  ui.imageSetup.hidden = known !== null && known.text;
+  ui.setupHelp.hidden = known !== null;
 }
 
 function onInfo(info) {
   if (!session) return;
   session.info = info;
-  ui.mode.textContent = `${info.mode} (served by this deployment)`;
+  showDeployment({ family: info.family, text: info.text, prompt_switching: info.prompt_switching,
+                   video_conditioning: info.video_conditioning });
+  ui.mode.textContent = `${info.mode} (${info.family}, served by this deployment)`;
   const scale = Math.max(1, Math.floor(Math.min(720 / info.width, 400 / info.height)));
   for (const element of [ui.canvas, ui.video]) {
     element.width = info.width; element.height = info.height;
@@ -104,6 +122,24 @@ function onInfo(info) {
   }
   ui.canvas.hidden = info.transport === "webrtc";
   ui.video.hidden = info.transport !== "webrtc";
+  ui.sessionInfo.textContent = `${info.width}×${info.height} at ${info.fps} fps, up to ${info.max_blocks} blocks, ` +
+    `${info.transport === "webrtc" ? "WebRTC video" : "JPEG over WebSocket"}; session ${info.session_id.slice(0, 8)}.`;
+  ui.overlay.hidden = info.text;
+  ui.switchForm.hidden = !info.prompt_switching;
+  if (info.text) onTextInfo(info); else onImageInfo(info);
+}
+
+function onTextInfo(info) {
+  const dropped = info.prompt_tokens_dropped
+    ? ` The model reads 512 tokens: the last ${info.prompt_tokens_dropped} of the prompt were dropped.` : "";
+  ui.keysHelp.textContent = `Text-to-video: the prompt drives the video; there are no keys to hold.${dropped}`;
+  ui.switchButton.disabled = false;
+  setStatus(info.prompt_switching ? `Playing ${info.mode}: type a new prompt to switch while it plays.`
+                                  : `Playing ${info.mode}.`);
+  (info.prompt_switching ? ui.switchPrompt : ui.game).focus();
+}
+
+function onImageInfo(info) {
   // Key caps in a readable order: the mode's keys in vector order (W S A D), then camera keys, then release keys.
   const rank = (b) => b.name ? info.key_names.indexOf(b.name) : b.mouse.some((v) => v !== 0) ? 100 : 200;
   session.keys = [...info.bindings].sort((a, b) => rank(a) - rank(b) || a.key.localeCompare(b.key)).map((b) => b.key);
@@ -116,8 +152,6 @@ function onInfo(info) {
   const mouse = info.mouse_dim ? ` Click the view to steer with the mouse (Esc releases it).` : "";
   ui.keysHelp.textContent = `Focus the game view and hold keys: ${bindings.map(describe).join(", ")}.` +
     `${mouse} Tab leaves the game view.`;
-  ui.sessionInfo.textContent = `${info.width}×${info.height} at ${info.fps} fps, up to ${info.max_blocks} blocks, ` +
-    `${info.transport === "webrtc" ? "WebRTC video" : "JPEG over WebSocket"}; session ${info.session_id.slice(0, 8)}.`;
   setStatus(`Playing ${info.mode}: focus the game view and hold keys.`);
   ui.game.focus();
 }
@@ -135,6 +169,19 @@ function onBlock(block) {
     const old = session.blockBySeq.shift();
     session.blocks.delete(old.index);
   }
+}
+
+// The decoder says where a switch took effect before it sends that block; it is shown once the block is on screen.
+function onSwitched(message) {
+  if (!session) return;
+  session.switches.set(message.block, message);
+  stats.switches.push(message);
+}
+
+function showSwitch(switched) {
+  const dropped = switched.tokens_dropped ? ` (its last ${switched.tokens_dropped} tokens dropped)` : "";
+  ui.switchStatus.textContent = `prompt switched at block ${switched.block}${dropped}`;
+  ui.switchStatus.hidden = false;
 }
 
 function blockOf(seq) {
@@ -218,7 +265,8 @@ function painted(seq, paintPerf) {
     session.unreported.push(Math.max(0, sample.latency) / 1000);
     if (block.index !== session.shownBlock) {
       session.shownBlock = block.index;
-      showEcho(block.echo);
+      if (block.echo) showEcho(block.echo);
+      if (session.switches.has(block.index)) showSwitch(session.switches.get(block.index));
       ui.blockIndex.textContent = String(block.index);
     }
   }
@@ -357,30 +405,42 @@ function base64(file) {
 
 // ---- start and stop ----------------------------------------------------------------------------------------
 
+// The start's conditioning: the prompt if the deployment takes one (or may: not known yet) and one was typed.
+function conditioning() {
+  const prompt = ui.prompt.value.trim();
+  if (deployment?.text) return prompt ? { prompt } : { error: "Type a prompt first: this deployment is text-to-video." };
+  if (prompt && !deployment) return { prompt };
+  const demo = selectedDemo();
+  if (!upload && !demo) return { error: "Choose a demo image or upload a PNG or JPEG first." };
+  return { image: upload ? null : { demo } };
+}
+
 async function start() {
   clearError();
-  const demo = selectedDemo();
-  if (!upload && !demo) return showError("Choose a demo image or upload a PNG or JPEG first.");
+  const chosen = conditioning();
+  if (chosen.error) return showError(chosen.error);
   const seed = Number(ui.seed.value);
   if (!Number.isSafeInteger(seed) || seed < 0) return showError("The seed must be a whole number, 0 or more.");
   ui.start.disabled = true;
   try {
     if (!ws) await connect();
     const transport = ui.transport.value;
-    const image = upload ? { name: upload.name, data: await base64(upload.file) } : { demo };
+    const source = chosen.prompt ? { prompt: chosen.prompt }
+      : { image: chosen.image ?? { name: upload.name, data: await base64(upload.file) } };
     session = {
       info: null, keys: null, blocks: new Map(), blockBySeq: [], sent: new Map(), drawnSeq: -1, anchor: null,
-      paintTimes: [], latencies: [], unreported: [], shownBlock: null, pc: null,
+      paintTimes: [], latencies: [], unreported: [], shownBlock: null, pc: null, switches: new Map(),
     };
-    Object.assign(stats, { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null });
+    Object.assign(stats, { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, switches: [] });
     ui.frameCount.textContent = "0"; ui.blockIndex.textContent = "–"; ui.fps.textContent = "–";
     ui.latency.textContent = "–"; ui.echoKeys.textContent = "–"; ui.echoKeys.dataset.keys = "";
-    ui.download.hidden = true;
-    const message = { type: "start", image, seed, transport, record: ui.record.checked };
+    ui.download.hidden = true; ui.switchStatus.hidden = true;
+    const message = { type: "start", ...source, seed, transport, record: ui.record.checked };
     if (transport === "webrtc") message.offer = await webrtcOffer(session);
     send(message);
     ui.stop.disabled = false;
-    setStatus("Starting a session: the decoder encodes the image and warms its caches…");
+    setStatus(`Starting a session: the decoder encodes the ${chosen.prompt ? "prompt" : "image"} and warms its ` +
+              "caches…");
   } catch (e) {
     showError(`Could not start: ${e.message}`);
     endSession(null);
@@ -406,6 +466,16 @@ async function webrtcOffer(current) {
   return pc.localDescription.sdp;
 }
 
+function switchPrompt(event) {
+  event.preventDefault();
+  const prompt = ui.switchPrompt.value.trim();
+  if (!session?.info?.prompt_switching) return;
+  if (!prompt) return showError("Type the new prompt first.");
+  clearError();
+  send({ type: "switch", prompt });
+  setStatus("Prompt switch sent: it takes effect at the next block the gateway requests.");
+}
+
 function stop() {
   send({ type: "stop" });
   ui.stop.disabled = true;
@@ -417,6 +487,7 @@ function endSession(recordingUrl) {
   if (document.pointerLockElement === ui.game) document.exitPointerLock();
   session = null;
   held.length = 0;
+  ui.switchButton.disabled = true;
   ui.start.disabled = false;
   ui.stop.disabled = true;
   if (recordingUrl) { ui.download.href = recordingUrl; ui.download.hidden = false; }
@@ -424,6 +495,7 @@ function endSession(recordingUrl) {
 
 ui.start.addEventListener("click", start);
 ui.stop.addEventListener("click", stop);
+ui.switchForm.addEventListener("submit", switchPrompt);
 
 // ---- boot --------------------------------------------------------------------------------------------------
 
@@ -435,6 +507,7 @@ async function boot() {
     return showError(`Could not load /api/config: ${e.message}`);
   }
   renderDemos();
+  showDeployment(config.deployment);
   const names = { jpeg: "JPEG over WebSocket", webrtc: "WebRTC video" };
   const transports = config.transports.filter((t) => t !== "webrtc" || "RTCPeerConnection" in window);
   ui.transport.replaceChildren(...transports.map((t) => new Option(names[t], t, false, t === config.default_transport)));
@@ -445,6 +518,7 @@ async function boot() {
     return showError(e.message);
   }
   ui.start.disabled = false;
-  setStatus("Choose an image and press Start.");
+  setStatus(!deployment ? "Type a prompt or choose an image, and press Start."
+    : deployment.text ? "Type a prompt and press Start." : "Choose an image and press Start.");
 }
 boot();
