@@ -47,6 +47,15 @@ def building(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def channels_last_convs(module: nn.Module) -> None:
+    """Store the conv weights of a compiled VAE half channels-last: the compiled trunk then keeps its activations
+    channels-last throughout; with NCDHW activations cuDNN transposes them in and out of every conv (15 of 108 ms
+    a decoded block, H100)."""
+    for conv in (m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))):
+        conv.weight.data = conv.weight.data.contiguous(
+            memory_format=torch.channels_last_3d if conv.weight.dim() == 5 else torch.channels_last)
+
+
 def dit_config(cfg: DictConfig) -> DiTConfig:
     d = OmegaConf.to_container(cfg.dit, resolve=True)
     action = d.pop("action", None)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..models.clip import CLIPVisionTower, clip_visual_state_dict
 from ..models.wan_vae import WanVAEEncoder, split_vae_state_dict
-from .builders import building, load_weights, resolve_device, resolve_dtype
+from .builders import building, channels_last_convs, load_weights, resolve_device, resolve_dtype
 from .conditioning import CondConcatStream, SteadyCondConcat, preprocess_image
 
 
@@ -35,6 +35,15 @@ class EncoderModels:
         self.clip = load_weights(clip, cfg, cfg.checkpoints.clip, select=clip_visual_state_dict,
                                  seed_offset=4).eval()
         self.steady = SteadyCondConcat.of_config(dict(cfg.vae), self.frames_per_block)
+        if cfg.compile:
+            # A session's first frame waits for CLIP and the block-0 VAE encode. Static shapes: CLIP has one;
+            # the encoder a few (first chunks, caches filling; full-rate or reduced-rate only), all made at
+            # warm-up, which runs on to the steady block.
+            channels_last_convs(self.vae)
+            trunk = self.vae.encoder
+            trunk.full_rate = torch.compile(trunk.full_rate, dynamic=False)
+            trunk.reduced_rate = torch.compile(trunk.reduced_rate, dynamic=False)
+            self.clip.compile(dynamic=False)
 
     @classmethod
     def build(cls, cfg: DictConfig) -> "EncoderModels":
