@@ -85,12 +85,14 @@ class PromptConditioning:
         self.switch_to: dict[int, torch.Tensor] = {}
 
     def open(self) -> torch.Tensor:
-        encoded = self.encoder(self.prompts)
-        for prompt, length, dropped in zip(self.prompts, encoded.lengths, encoded.truncated):
-            if dropped:
+        # One encoder call per prompt, as the encoder service makes them: a batch of prompts rounds differently
+        # (its matrix products have another shape), and sessions must give the batch CLI's frames.
+        encoded = [self.encoder([prompt]) for prompt in self.prompts]
+        for prompt, each in zip(self.prompts, encoded):
+            if each.truncated[0]:
                 log.warning("the prompt %r was truncated to %d tokens (%d dropped), as the reference truncates it",
-                            prompt[:40], length, dropped)
-        self.contexts = list(encoded.context.split(1))
+                            prompt[:40], each.lengths[0], each.truncated[0])
+        self.contexts = [each.context for each in encoded]
         switched = self.contexts[len(self.contexts) - len(self.switch_blocks):]
         self.switch_to = dict(zip(self.switch_blocks, switched))
         return self.contexts[0]

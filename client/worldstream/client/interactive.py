@@ -1,4 +1,5 @@
-"""Keyboard play in a terminal: raw, non-blocking tty input mapped to block actions with the mode's key map.
+"""Keyboard play in a terminal: raw, non-blocking tty input mapped to block actions with the mode's key map, or
+(text-to-video) prompts typed line by line.
 
 Terminals report key presses (and auto-repeat), not releases, so a key counts as held while it was seen in
 the last `hold_seconds`. Esc or Ctrl-C ends the session.
@@ -9,8 +10,10 @@ import os
 import select
 import sys
 import termios
+import threading
 import time
 import tty
+from collections.abc import Callable
 
 from worldstream.api.spaces import ActionSpace, BlockAction
 
@@ -73,3 +76,22 @@ class KeyboardActions:
     def current(self) -> BlockAction:
         self.poll()
         return self.space.from_pressed(self.held())
+
+
+class PromptLines:
+    """Prompts typed in the terminal, one per line, read on a daemon thread: the terminal stays in its normal
+    (line-editing) mode, so a prompt can be corrected before Enter. End of input (Ctrl-D) ends the session."""
+
+    def __init__(self):
+        if not sys.stdin.isatty():
+            raise RuntimeError("--interactive needs a terminal on stdin")
+
+    def start(self, on_prompt: Callable[[str], None], on_end: Callable[[], None]) -> None:
+        """Call `on_prompt` with each non-empty line typed, then `on_end` at end of input."""
+        def read() -> None:
+            for line in sys.stdin:
+                if line.strip():
+                    on_prompt(line.strip())
+            on_end()
+
+        threading.Thread(target=read, name="prompt-lines", daemon=True).start()

@@ -3,6 +3,10 @@
     result = run_session("127.0.0.1:50051", "assets/demo.png", actions, frame_encoding="raw")
     result.frames  # numpy uint8 [N, H, W, 3]
     result = run_session("127.0.0.1:50051", None, [Action()] * 7, prompt="a fox in snow")  # a text-to-video server
+    result = run_session(address, None, [Action()] * 6, prompt="a fox in snow",
+                         switches=[(2, "the fox dives"), (4, "night falls")])  # LongLive: prompt switches
+    result = run_session(address, None, [Action()] * 4, video="clip.mp4", video_prompt="what the clip shows",
+                         prompt="what happens next")  # LongLive: continue a clip; result.video_frames first
 
 `SessionStream` is the lower-level handle: it learns the session's mode, action space, block layout and frame
 size from the server's `SessionInfo` (`info`, `space`, `layout`), so callers can plan actions once it is open
@@ -45,6 +49,7 @@ class ReceivedBlock:
     latency: float  # seconds from sending this block's action (or the previous block, REALTIME) to receiving it
     received_at: float  # time.perf_counter() on arrival
     wire_bytes: int
+    switched: session_pb2.PromptSwitched | None = None  # the prompt switch that took effect at this block
 
 
 @dataclass
@@ -53,6 +58,12 @@ class SessionResult:
     blocks: list[ReceivedBlock] = field(default_factory=list)
     end: session_pb2.SessionEnd | None = None
     started_at: float = 0.0  # time.perf_counter() when the start request was sent
+    video_frames: np.ndarray | None = None  # a video-conditional session's clip as the model reconstructs it
+
+    @property
+    def switches(self) -> list[session_pb2.PromptSwitched]:
+        """The prompt switches that took effect, in order."""
+        return [block.switched for block in self.blocks if block.switched is not None]
 
     @property
     def frames(self) -> np.ndarray:
@@ -102,6 +113,14 @@ def image_bytes(image: str | os.PathLike | bytes | Image.Image) -> bytes:
         return f.read()
 
 
+def video_bytes(video: str | os.PathLike | bytes) -> bytes:
+    """The encoded video file (MP4, WebM, ...) given as a path or as its bytes."""
+    if isinstance(video, bytes):
+        return video
+    with open(video, "rb") as f:
+        return f.read()
+
+
 _HALF_CLOSE = object()
 
 
@@ -141,6 +160,8 @@ class SessionStream:
             raise
         self.end: session_pb2.SessionEnd | None = None
         self._last_arrival = time.perf_counter()
+        self._video_frames: list[np.ndarray] = []  # chunks of the clip's reconstruction (`video_frames`)
+        self._switched: session_pb2.PromptSwitched | None = None  # announced for the next block
 
     def _request_stream(self) -> Iterator[session_pb2.SessionRequest]:
         while True:
@@ -161,6 +182,19 @@ class SessionStream:
             self.sent_at.append(time.perf_counter())
             self._requests.put(session_pb2.SessionRequest(action=message))
 
+    def switch_prompt(self, prompt: str) -> None:
+        """Generate under `prompt` from the block of the next action sent (LOCKSTEP) or from the next block that
+        starts once it is encoded (REALTIME); deployments with `info.prompt_switching` (LongLive)."""
+        with self._lock:
+            if self._finished:
+                raise RuntimeError("the session was finished; no more prompts can be sent")
+            self._requests.put(session_pb2.SessionRequest(switch_prompt=session_pb2.SwitchPrompt(prompt=prompt)))
+
+    @property
+    def video_frames(self) -> np.ndarray | None:
+        """A video-conditional session's clip as the model reconstructs it (complete once block 0 arrived)."""
+        return np.concatenate(self._video_frames) if self._video_frames else None
+
     def finish(self, explicit_stop: bool = False) -> None:
         """No more actions: half-close (or send `stop` first). Blocks whose actions were sent still arrive."""
         with self._lock:
@@ -180,9 +214,20 @@ class SessionStream:
                 self.finish()
                 next(self._call, None)
                 return
-            if kind != "block":
+            if kind == "prompt_switched":
+                self._switched = response.prompt_switched
+            elif kind == "video_frames":
+                self._add_video_frames(response.video_frames)
+            elif kind == "block":
+                yield self._received(response)
+            else:
                 raise RuntimeError(f"unexpected `{kind}` response in the middle of a session")
-            yield self._received(response)
+
+    def _add_video_frames(self, chunk: session_pb2.VideoFrames) -> None:
+        received = sum(len(frames) for frames in self._video_frames)
+        if chunk.first_frame != received:
+            raise RuntimeError(f"video frames from {chunk.first_frame} after {received} frames")
+        self._video_frames.append(decode_frames(chunk, self.info, f"video frames from {chunk.first_frame}"))
 
     def _received(self, response: session_pb2.SessionResponse) -> ReceivedBlock:
         now = time.perf_counter()
@@ -192,8 +237,12 @@ class SessionStream:
         else:
             latency = now - self._last_arrival
         self._last_arrival = now
+        switched, self._switched = self._switched, None
+        if switched is not None and switched.block_index != block.block_index:
+            raise RuntimeError(f"a prompt switch announced for block {switched.block_index} came before block "
+                               f"{block.block_index}")
         return ReceivedBlock(block.block_index, decode_frames(block, self.info), self.applied_action(block),
-                             dict(block.stage_seconds), latency, now, response.ByteSize())
+                             dict(block.stage_seconds), latency, now, response.ByteSize(), switched)
 
     def applied_action(self, block: session_pb2.BlockChunk) -> BlockAction | None:
         if self.space is None:
@@ -202,17 +251,25 @@ class SessionStream:
                             block.block_index if block.action.frames else None, f"echo of block {block.block_index}")
 
     def play(self, actions: Sequence[BlockAction | session_pb2.Action], window: int = 2,
-             on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None) -> SessionResult:
+             on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None,
+             switches: Sequence[tuple[int, str]] = ()) -> SessionResult:
         """Send `actions`, one per block, and receive their blocks. LOCKSTEP keeps `window` actions in flight;
-        REALTIME sends the next action as each block arrives."""
+        REALTIME sends the next action as each block arrives. `switches`: (block index, prompt) pairs, each sent
+        right before that block's action (LOCKSTEP: the switch takes effect exactly there)."""
         if window < 1:
             raise ValueError("window must be at least 1")
         result = SessionResult(self.info, started_at=self.started_at)
         pending = list(actions)
         in_flight = window if self.lockstep else 1
+        switch_at = dict(switches)
+        if len(switch_at) != len(switches) or not all(0 <= b < len(actions) for b in switch_at):
+            raise ValueError(f"switches at blocks {[b for b, _ in switches]}: give distinct block indices in "
+                             f"[0, {len(actions) - 1}]")
 
         def refill(received: int) -> None:
             while pending and len(self.sent_at) < received + in_flight:
+                if len(self.sent_at) in switch_at:
+                    self.switch_prompt(switch_at[len(self.sent_at)])
                 self.send(pending.pop(0))
             # LOCKSTEP: queued actions still run after the half-close. REALTIME: the server would stop at its
             # next block, so keep the stream open until every action has had its block.
@@ -226,6 +283,7 @@ class SessionStream:
             if on_block is not None:
                 on_block(block, self)
         result.end = self.end
+        result.video_frames = self.video_frames
         return result
 
     def cancel(self) -> None:
@@ -246,12 +304,15 @@ class SessionStream:
 
 def start_request(image: str | os.PathLike | bytes | Image.Image | None, mode: str = "", *, prompt: str = "",
                   seed: int = 0, max_blocks: int = 0, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
-                  pacing: str = "lockstep") -> session_pb2.StartSession:
-    """A start request from an image or (text-to-video servers, `image` None) a prompt; `mode` empty: whatever the
-    server runs (the session's `info` says which)."""
+                  pacing: str = "lockstep", video: str | os.PathLike | bytes | None = None,
+                  video_prompt: str = "") -> session_pb2.StartSession:
+    """A start request from an image or (text-to-video servers, `image` None) a prompt, optionally continuing a
+    `video` (a file or its bytes) that `video_prompt` describes; `mode` empty: whatever the server runs (the
+    session's `info` says which)."""
     return session_pb2.StartSession(mode=mode, image=b"" if image is None else image_bytes(image), prompt=prompt,
                                     seed=seed, max_blocks=max_blocks, frame_encoding=FRAME_ENCODINGS[frame_encoding],
-                                    jpeg_quality=jpeg_quality, pacing=PACINGS[pacing])
+                                    jpeg_quality=jpeg_quality, pacing=PACINGS[pacing],
+                                    video=b"" if video is None else video_bytes(video), video_prompt=video_prompt)
 
 
 def run_session(address: str, image: str | os.PathLike | bytes | Image.Image | None,
@@ -259,13 +320,16 @@ def run_session(address: str, image: str | os.PathLike | bytes | Image.Image | N
                 max_blocks: int | None = None, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
                 pacing: str = "lockstep", window: int = 2, timeout: float | None = None,
                 on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None,
-                tls: ChannelTLS | None = None) -> SessionResult:
+                tls: ChannelTLS | None = None, switches: Sequence[tuple[int, str]] = (),
+                video: str | os.PathLike | bytes | None = None, video_prompt: str = "") -> SessionResult:
     """Run a whole session: one block per action (`max_blocks` defaults to len(actions)); see
-    `SessionStream.play`; text-to-video: `prompt` instead of an image, and empty `Action()`s. `tls`: reach the
+    `SessionStream.play`; text-to-video: `prompt` instead of an image, and empty `Action()`s; LongLive:
+    `switches` ((block, prompt) pairs), and a `video` to continue with its `video_prompt`. `tls`: reach the
     server over TLS. Raises grpc.RpcError with the server's status on failure, ConnectionError when no server
     answers."""
     start = start_request(image, mode, prompt=prompt, seed=seed,
                           max_blocks=len(actions) if max_blocks is None else max_blocks,
-                          frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing)
+                          frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing, video=video,
+                          video_prompt=video_prompt)
     with SessionStream(address, start, timeout=timeout, tls=tls) as stream:
-        return stream.play(actions, window=window, on_block=on_block)
+        return stream.play(actions, window=window, on_block=on_block, switches=switches)

@@ -2,9 +2,10 @@
 
 gRPC hands the Session call its requests as raw bytes (see `server.add_to_server`). Each message's size is checked
 against the limit of its kind before it is parsed: the first message is a `start`, at most the image limit plus a
-little; every later one is an `action` or `stop`, a few hundred bytes in any of the action's forms. A message
-that does not parse (truncated, corrupt) is INVALID_ARGUMENT. A start is parsed and validated, its image checked
-from the header, on a worker thread: it may be 32 MiB.
+little (an image or a clip); every later one is an `action` or `stop`, a few hundred bytes in any of the action's
+forms, or a `switch_prompt`, a prompt's limit plus a few bytes. A message that does not parse (truncated, corrupt)
+is INVALID_ARGUMENT. A start is parsed and validated, its image checked from the header, on a worker thread: it
+may be 32 MiB.
 """
 from __future__ import annotations
 
@@ -28,13 +29,22 @@ from worldstream.v1 import session_pb2
 START_MAX_BYTES = MAX_IMAGE_BYTES + (4 << 10)
 # A prompt is a sentence or a paragraph; the model reads 512 tokens of it at most.
 MAX_PROMPT_BYTES = 64 << 10
+# A `switch_prompt` is its prompt and a few bytes of framing (tags and lengths).
+SWITCH_MAX_BYTES = MAX_PROMPT_BYTES + 16
 # An action is a few hundred bytes at most (12 per-frame rows of a 7-key keyboard and a mouse are ~600 B).
 ACTION_MAX_BYTES = 4 << 10
 DEFAULT_JPEG_QUALITY = 85
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
-_NOT_FIRST = "`{kind}` is only allowed as the first message; send `action` or `stop`"
-# How a serialized SessionRequest holding a `start` begins: the field's key (number, wire type 2 = length-delimited).
-_START_TAG = bytes([session_pb2.SessionRequest.DESCRIPTOR.fields_by_name["start"].number << 3 | 2])
+_NOT_FIRST = "`{kind}` is only allowed as the first message; send `action`, `switch_prompt` or `stop`"
+
+
+def _tag(field: str) -> bytes:
+    """How a serialized SessionRequest holding `field` begins: the field's key (number, wire type 2 =
+    length-delimited)."""
+    return bytes([session_pb2.SessionRequest.DESCRIPTOR.fields_by_name[field].number << 3 | 2])
+
+
+_START_TAG, _SWITCH_TAG = _tag("start"), _tag("switch_prompt")
 
 
 class ClientMessages:
@@ -54,18 +64,27 @@ class ClientMessages:
         return raw
 
     async def next(self) -> session_pb2.SessionRequest | None:
-        """The next message, parsed, an `action` or a `stop`; None once the client half-closed."""
+        """The next message, parsed, an `action`, a `switch_prompt` (its prompt checked) or a `stop`; None once the
+        client half-closed."""
         raw = await anext(self._requests, None)
         if raw is None:
             return None
         self._received(raw)
         if raw[:1] == _START_TAG:  # recognised before the size check, which a start would fail
             raise ServiceError(_INVALID, _NOT_FIRST.format(kind="start"))
-        self._check_size(raw, ACTION_MAX_BYTES, "an `action` or `stop`")
+        if raw[:1] == _SWITCH_TAG:
+            if len(raw) > SWITCH_MAX_BYTES:  # the prompt's own limit, as for start.prompt: INVALID_ARGUMENT
+                raise ServiceError(_INVALID, f"message #{self._count}: a `switch_prompt` of {len(raw)} bytes; its "
+                                             f"prompt may have at most {MAX_PROMPT_BYTES} (the model reads its first "
+                                             "512 tokens)")
+        else:
+            self._check_size(raw, ACTION_MAX_BYTES, "an `action` or `stop`")
         request = parse_request(raw, self._count)
         kind = request.WhichOneof("request")
-        if kind not in ("action", "stop"):
+        if kind not in ("action", "stop", "switch_prompt"):
             raise ServiceError(_INVALID, _NOT_FIRST.format(kind=kind or "an empty request"))
+        if kind == "switch_prompt":
+            check_prompt_field(request.switch_prompt.prompt, "switch_prompt.prompt")
         return request
 
     def _received(self, raw: bytes) -> bytes:
@@ -115,7 +134,9 @@ def parse_frame_output(start: Any) -> tuple[int, int]:
 class StartOptions:
     mode: str
     image: bytes  # image-and-action families
-    prompt: str  # text-to-video families
+    prompt: str  # text-to-video families (with `video`: what follows the clip)
+    video: bytes  # a clip to continue (text-to-video deployments that condition on videos), or empty
+    video_prompt: str  # what `video` shows
     seed: int
     max_blocks: int
     frame_encoding: int
@@ -134,7 +155,7 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
     if mode != models.mode:
         raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
                                      f"{start.mode} deployment")
-    image, prompt = _conditioning(start, models)
+    image, prompt, video, video_prompt = _conditioning(start, models)
     max_blocks = start.max_blocks or models.max_blocks
     if max_blocks > models.max_blocks:
         raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
@@ -143,29 +164,52 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
     pacing = start.pacing or session_pb2.PACING_LOCKSTEP
     if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
         raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
-    return StartOptions(mode, image, prompt, start.seed, max_blocks, encoding, quality, pacing)
+    return StartOptions(mode, image, prompt, video, video_prompt, start.seed, max_blocks, encoding, quality, pacing)
 
 
-def _conditioning(start: session_pb2.StartSession, models: DecoderModels) -> tuple[bytes, str]:
-    """The start's image (image-and-action families) or prompt (text-to-video), as the deployment's family takes."""
+def check_prompt_field(prompt: str, where: str) -> None:
+    """INVALID_ARGUMENT unless `prompt` (the field `where`) is within the size cap, checked first, and not empty
+    once cleaned."""
+    size = len(prompt.encode())
+    if size > MAX_PROMPT_BYTES:
+        raise ServiceError(_INVALID, f"{where} has {size} bytes; at most {MAX_PROMPT_BYTES} (the model reads its "
+                                     "first 512 tokens)")
+    try:
+        check_prompt(prompt)
+    except ValueError as e:
+        raise ServiceError(_INVALID, f"{where}: {e}") from None
+
+
+def _conditioning(start: session_pb2.StartSession, models: DecoderModels) -> tuple[bytes, str, bytes, str]:
+    """The start's image (image-and-action families) or prompt, and a clip with its prompt where given
+    (text-to-video), as the deployment's family takes."""
     family = f"{models.cfg.family} ({models.mode})"
     if models.text_to_video:
         if start.image:
             raise ServiceError(_INVALID, f"this server runs {family}, text-to-video: start the session with "
                                          "`prompt`, not `image` (image sessions need an image-model deployment)")
-        prompt = start.prompt
-        if len(prompt.encode()) > MAX_PROMPT_BYTES:
-            raise ServiceError(_INVALID, f"start.prompt has {len(prompt.encode())} bytes; at most {MAX_PROMPT_BYTES} "
-                                         "(the model reads its first 512 tokens)")
-        try:
-            check_prompt(prompt)
-        except ValueError as e:
-            raise ServiceError(_INVALID, f"start.prompt: {e}") from None
-        return b"", prompt
-    if start.prompt:
+        check_prompt_field(start.prompt, "start.prompt")
+        video = start.video  # a copy: read it once
+        if not video:
+            if start.video_prompt:
+                raise ServiceError(_INVALID, "start.video_prompt is set without `video`: send the clip it describes, "
+                                             "or drop it")
+            return b"", start.prompt, b"", ""
+        if not models.continues_videos:
+            raise ServiceError(_INVALID, f"this server runs {family}, which does not continue videos: drop `video` "
+                                         "(video-conditional sessions need a LongLive deployment, e.g. "
+                                         "longlive/interactive)")
+        if not start.video_prompt:
+            raise ServiceError(_INVALID, "start.video_prompt is empty: a session that continues `video` needs the "
+                                         "prompt that describes the clip (its frames are cached under it) besides "
+                                         "`prompt` (what follows)")
+        check_prompt_field(start.video_prompt, "start.video_prompt")
+        return b"", start.prompt, video, start.video_prompt
+    if start.prompt or start.video or start.video_prompt:
+        field = "prompt" if start.prompt else "video" if start.video else "video_prompt"
         raise ServiceError(_INVALID, f"this server runs {family}, which starts from an image and takes actions: "
-                                     "send `image`, not `prompt` (prompts need a text-to-video deployment, e.g. "
-                                     "selfforcing/t2v)")
+                                     f"send `image`, not `{field}` (prompts and clips need a text-to-video "
+                                     "deployment, e.g. selfforcing/t2v or longlive/interactive)")
     image = start.image  # a copy: read it once
     if not image:
         raise ServiceError(_INVALID, "start.image is empty: send the first frame as PNG or JPEG bytes")
@@ -173,4 +217,4 @@ def _conditioning(start: session_pb2.StartSession, models: DecoderModels) -> tup
         probe_image(image)
     except ValueError as e:
         raise ServiceError(_INVALID, f"start.image: {e}") from None
-    return image, ""
+    return image, "", b"", ""

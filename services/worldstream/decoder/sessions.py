@@ -5,12 +5,15 @@ Per session three coroutines run on the event loop: a reader (client messages ->
 block loop: action, condition, `run_block` on the session's own worker thread) and the deliverer (frame
 encoding on a shared thread pool, then writing to the client). The producer runs block b+1 while block b is being
 encoded and sent; a bounded queue between them keeps at most `OUTBOX_BLOCKS` finished blocks in memory.
+
+Prompt switches (LongLive): each `switch_prompt` opens its own Encode call at once; the block it is due at (the
+block of the next action, LOCKSTEP; the first block to start once it is encoded, REALTIME) switches to it, waiting
+for its text context only then.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
 import time
 import uuid
@@ -53,10 +56,18 @@ def _now() -> Timestamp:
 # ---- actions from the client ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class PromptContext:
+    """A prompt's text context as the encoder service made it."""
+    context: torch.Tensor
+    tokens_dropped: int  # by the truncation to the model's text length
+
+
+@dataclass(frozen=True)
 class TakenAction:
     message: session_pb2.Action  # as received (echoed in the block)
     action: BlockAction | None  # None: text-to-video, whose actions are empty
     taken_at: Timestamp
+    switch: asyncio.Task[PromptContext] | None = None  # LOCKSTEP: the prompt switch sent before this action
 
 
 class _Signal:
@@ -126,6 +137,7 @@ class _Finished:
     stage_seconds: dict[str, float]
     start_time: Timestamp
     generated_time: Timestamp
+    switched: session_pb2.PromptSwitched | None = None  # the prompt switch that took effect at this block
 
 
 class SessionManager:
@@ -184,7 +196,12 @@ class Session:
         self.space = self.models.action_space  # None: text-to-video, whose actions are empty
         self.inbox = ActionInbox(options.pacing, self.space.idle_action() if self.space else None)
         self.lane = WorkerLane(f"session-{self.id[:8]}")
-        self.feed: ConditionFeed | None = None
+        self.spec = ConditionSpec.of(self.models)
+        self.feed: ConditionFeed | None = None  # image sessions: the image's stream (prompts: `_prompt_context`)
+        self.switches: list[asyncio.Task[PromptContext]] = []  # REALTIME: switches not yet due, oldest first
+        self.encoding: set[asyncio.Task[PromptContext]] = set()  # every switch's Encode call still running
+        self.switch_count = 0  # switches that took effect
+        self.blocks_started = 0
         self.generation: GenerationSession | None = None
         self.profiler: torch.profiler.profile | None = None
         self.outbox: asyncio.Queue[_Finished | session_pb2.SessionEnd] = asyncio.Queue(OUTBOX_BLOCKS)
@@ -203,20 +220,20 @@ class Session:
                   pacing=session_pb2.Pacing.Name(options.pacing),
                   frame_encoding=session_pb2.FrameEncoding.Name(options.frame_encoding), peer=self.context.peer())
         height, width = int(models.cfg.video.height), int(models.cfg.video.width)
-        spec = ConditionSpec.of(models)
         if models.text_to_video:
-            self.feed = await self.manager.encoder.open_prompt(self.id, options.mode, options.prompt, spec)
+            prompt = await self._prompt_context(options.prompt)
+            context, tokens_dropped = prompt.context, prompt.tokens_dropped
         else:
             self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
-                                                        options.max_blocks, spec)
-        context = await self.feed.context()
+                                                        options.max_blocks, self.spec)
+            context, tokens_dropped = await self.feed.context(), 0
         self.generation = await self.lane.run(self._open_generation, context)
         info = session_pb2.SessionInfo(
             session_id=self.id, mode=options.mode, height=height, width=width,
             first_block_frames=models.layout.first_block_frames, block_frames=models.layout.block_frames,
             fps=int(models.cfg.video.fps), max_blocks=options.max_blocks, frame_encoding=options.frame_encoding,
-            pacing=options.pacing, family=str(models.cfg.family),
-            prompt_tokens_dropped=self.feed.prompt_tokens_dropped)
+            pacing=options.pacing, family=str(models.cfg.family), prompt_tokens_dropped=tokens_dropped,
+            prompt_switching=models.switches_prompts, video_conditioning=models.continues_videos)
         if self.space is not None:
             info.action_space.CopyFrom(action_space_message(self.space))
         await self._send(session_pb2.SessionResponse(info=info))
@@ -226,28 +243,84 @@ class Session:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
         return self.models.open_session(context, seed=self.options.seed, max_blocks=self.options.max_blocks)
 
-    def _run_block(self, cond: torch.Tensor | None, action: BlockAction | None) -> BlockOutput:
+    def _run_block(self, cond: torch.Tensor | None, action: BlockAction | None,
+                   prompt: torch.Tensor | None) -> BlockOutput:
+        if prompt is not None:
+            self.generation.switch_prompt(prompt)
         return self.generation.run_block(cond, action)  # host tensor: the engine copies it asynchronously
+
+    async def _prompt_context(self, prompt: str) -> PromptContext:
+        """A prompt's text context, from its own Encode call (the start's, each switch's)."""
+        feed = await self.manager.encoder.open_prompt(self.id, self.options.mode, prompt, self.spec)
+        try:
+            return PromptContext(await feed.context(), feed.prompt_tokens_dropped)
+        finally:
+            feed.close()
+
+    def _switch(self, message: session_pb2.SwitchPrompt, no_block_left: bool, after: str) -> asyncio.Task:
+        """Start encoding a switch's prompt (checked by `ClientMessages`) if the session can take it."""
+        models, family = self.models, f"{self.models.cfg.family} ({self.models.mode})"
+        if not models.text_to_video:
+            raise ServiceError(_INVALID, f"this server runs {family}, which starts from an image and takes actions: "
+                                         "it has no prompt to switch (`switch_prompt` needs a text-to-video "
+                                         "deployment that switches prompts, e.g. longlive/interactive)")
+        if not models.switches_prompts:
+            raise ServiceError(_INVALID, f"this server runs {family}, which cannot switch prompts "
+                                         "(SessionInfo.prompt_switching is false): start a new session with the new "
+                                         "prompt, or use a LongLive deployment (e.g. longlive/interactive)")
+        if no_block_left:
+            raise ServiceError(_INVALID, f"switch_prompt after the session's end ({after}): no block is left to take "
+                                         "the new prompt; send the switch before the action of the block it is for")
+        task = asyncio.ensure_future(self._prompt_context(message.prompt))
+        self.encoding.add(task)
+        task.add_done_callback(self._encoded)
+        return task
+
+    def _encoded(self, task: asyncio.Task) -> None:
+        self.encoding.discard(task)
+        if not task.cancelled():
+            task.exception()  # marks it retrieved: a replaced switch's failure is nobody's
 
     # -- the three coroutines --
 
     async def _read(self, messages: ClientMessages) -> None:
-        """Client messages -> inbox. Ends when the client half-closes or sends `stop`."""
-        lockstep = self.inbox.lockstep
-        for count in itertools.count():
+        """Client messages -> inbox (switches: LOCKSTEP with the next action, REALTIME to `switches`). Ends when
+        the client half-closes or sends `stop`."""
+        lockstep, max_blocks = self.inbox.lockstep, self.options.max_blocks
+        switch: asyncio.Task | None = None  # LOCKSTEP: the switch for the next action's block
+        actions = 0
+        while True:
             message = await messages.next()
-            if message is None:
+            kind = None if message is None else message.WhichOneof("request")
+            if kind in (None, "stop"):
+                if switch is not None:  # no action follows it: no block takes it
+                    switch.cancel()
                 await self.inbox.stop()
-                return
-            if message.WhichOneof("request") == "stop":
-                await self.inbox.stop()
+                if kind is None:
+                    return
                 break
-            if lockstep and count >= self.options.max_blocks:
-                raise ServiceError(_OUT_OF_RANGE, f"action #{count + 1} is past the end: the session has "
-                                                  f"max_blocks={self.options.max_blocks} blocks, one action each")
-            action = self._parse_action(message.action, count if lockstep else None, f"action #{count + 1}")
-            await self.inbox.put(TakenAction(message.action, action, _now()))
-        if await messages.next() is not None:
+            if kind == "switch_prompt":
+                no_block_left = actions >= max_blocks if lockstep else self.blocks_started >= max_blocks
+                task = self._switch(message.switch_prompt, no_block_left,
+                                    f"the actions of all {max_blocks} blocks were sent" if lockstep else
+                                    f"all {max_blocks} blocks have started")
+                if lockstep:
+                    if switch is not None:  # a later switch before the same block replaces the earlier one
+                        switch.cancel()
+                    switch = task
+                else:
+                    self.switches.append(task)
+                continue
+            if lockstep and actions >= max_blocks:
+                raise ServiceError(_OUT_OF_RANGE, f"action #{actions + 1} is past the end: the session has "
+                                                  f"max_blocks={max_blocks} blocks, one action each")
+            action = self._parse_action(message.action, actions if lockstep else None, f"action #{actions + 1}")
+            await self.inbox.put(TakenAction(message.action, action, _now(), switch))
+            switch, actions = None, actions + 1
+        late = await messages.next()
+        if late is not None and late.WhichOneof("request") == "switch_prompt":
+            self._switch(late.switch_prompt, True, "after `stop`")
+        if late is not None:
             raise ServiceError(_OUT_OF_RANGE, "a message arrived after `stop`; the session accepts nothing more")
 
     def _parse_action(self, message: session_pb2.Action, block_index: int | None, where: str) -> BlockAction | None:
@@ -270,12 +343,33 @@ class Session:
                 await self.outbox.put(self._end(taken))
                 return
             got_action = time.perf_counter()
-            cond = await self.feed.block(b) if self.feed.spec.per_block else None
+            cond = await self.feed.block(b) if self.feed is not None and self.feed.spec.per_block else None
+            switch = taken.switch if self.inbox.lockstep else self._due_switch()
+            prompt = await switch if switch is not None else None  # its Encode call may still be running
+            self.blocks_started = b + 1
             start_time, started = _now(), time.perf_counter()
-            output = await self.lane.run(self._run_block, cond, taken.action)
+            output = await self.lane.run(self._run_block, cond, taken.action,
+                                         None if prompt is None else prompt.context)
             stages = {"action_wait": got_action - waited, "condition_wait": started - got_action, **output.timings}
-            await self.outbox.put(_Finished(output, taken, stages, start_time, _now()))
+            switched = None
+            if prompt is not None:
+                self.switch_count += 1
+                self.metrics.prompt_switches.inc()
+                switched = session_pb2.PromptSwitched(block_index=b, switch_count=self.switch_count,
+                                                      prompt_tokens_dropped=prompt.tokens_dropped)
+            await self.outbox.put(_Finished(output, taken, stages, start_time, _now(), switched))
         await self.outbox.put(self._end(None))
+
+    def _due_switch(self) -> asyncio.Task | None:
+        """REALTIME: the latest switch whose prompt is encoded (earlier ones it replaces are dropped)."""
+        done = [i for i, task in enumerate(self.switches) if task.done()]
+        if not done:
+            return None
+        due = self.switches[done[-1]]
+        for replaced in self.switches[:done[-1]]:
+            replaced.cancel()
+        del self.switches[:done[-1] + 1]
+        return due
 
     def _end(self, signal: str | None) -> session_pb2.SessionEnd:
         reason, detail = {
@@ -297,6 +391,8 @@ class Session:
                 await self._send(session_pb2.SessionResponse(end=item))
                 self._log("session ended", reason=session_pb2.EndReason.Name(item.reason), blocks=self.blocks_sent)
                 return
+            if item.switched is not None:
+                await self._send(session_pb2.SessionResponse(prompt_switched=item.switched))
             encode_started = time.perf_counter()
             frames = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames, item.output.frames)
             item.stage_seconds["frame_encode"] = time.perf_counter() - encode_started
@@ -321,6 +417,8 @@ class Session:
         """Free everything the session holds, however it ended (after the block in flight finishes)."""
         if self.feed is not None:
             self.feed.close()
+        for switch in list(self.encoding):
+            switch.cancel()
         await asyncio.shield(self.lane.close(self._free_device_state))
         self._log("session released", blocks=self.blocks_sent)
 

@@ -31,6 +31,9 @@ class ServiceMetrics:
         self.blocks_served = Counter("blocks_served", "Blocks delivered to callers", **common)
         self.block_stage_seconds = Histogram("block_stage_seconds", "Duration of each stage of a block",
                                              ["stage"], buckets=_LATENCY_BUCKETS, **common)
+        self.prompt_switches = Counter(
+            "prompt_switches", "Prompt switches that took effect (each re-caches the attention window: the "
+            "\"recache\" stage of block_stage_seconds)", **common)
         self.time_to_first_frame_seconds = Histogram(
             "time_to_first_frame_seconds", "From the start request to the first block handed to the transport",
             buckets=_LATENCY_BUCKETS, **common)

@@ -1,0 +1,172 @@
+"""LongLive sessions end to end: client -> decoder service -> encoder service, as real processes on loopback, on the
+tiny interactive config: prompt switches (frames equal to the batch front-end's with the same switch script, the
+PromptSwitched responses, the "recache" stage), their errors, and the client CLI's --prompt/--switch-at."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from service_harness import REPO, SMALL_FRAMES, metric_value, png_bytes, running_services
+from worldstream.batch import PromptConditioning
+from worldstream.client import SessionStream, run_session, start_request
+from worldstream.client.session import MAX_RECEIVE_BYTES
+from worldstream.engine.config import load_config
+from worldstream.engine.generator import BlockOutput, DecoderModels
+from worldstream.v1 import session_pb2, session_pb2_grpc
+
+CONFIG = "longlive/interactive_tiny"
+PROMPTS = ["a red fox runs through fresh snow", "the fox dives into a frozen river", "night falls over the forest"]
+SWITCHES = [(2, PROMPTS[1]), (4, PROMPTS[2])]
+BLOCKS = 5
+SEED = 11
+EMPTY = session_pb2.Action()
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    with running_services(tmp_path_factory.mktemp("longlive"), config=CONFIG) as running:
+        yield running
+
+
+def batch_blocks(prompts: list[str], switch_blocks: list[int], blocks: int, seed: int,
+                 clip=None) -> tuple[np.ndarray | None, list[BlockOutput]]:
+    """What `worldstream batch --config longlive/interactive_tiny --prompt ... --switch-at ... [--video ...]`
+    generates, in-process (its PromptConditioning and the loop of `batch.generate`): the clip's reconstruction
+    (or None) and the blocks."""
+    cfg = load_config(CONFIG)
+    conditioning = PromptConditioning(cfg, prompts, switch_blocks, clip)
+    session = DecoderModels.build(cfg).open_session(conditioning.open(), seed=seed, max_blocks=blocks)
+    try:
+        lead = conditioning.start(session)
+        outputs = []
+        for b in range(blocks):
+            conditioning.block(b, session)
+            outputs.append(session.run_block())
+        return None if lead is None else lead.numpy(), outputs
+    finally:
+        session.close()
+
+
+def call_status(address: str, requests: list[session_pb2.SessionRequest]) -> grpc.RpcError:
+    """Send `requests` (then half-close) and return the error the call ends with."""
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as channel:
+        responses = session_pb2_grpc.WorldSessionServiceStub(channel).Session(iter(requests), timeout=120)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in responses:
+                pass
+    return caught.value
+
+
+def start(max_blocks: int = 2, **fields) -> session_pb2.SessionRequest:
+    fields.setdefault("prompt", PROMPTS[0])
+    return session_pb2.SessionRequest(start=session_pb2.StartSession(max_blocks=max_blocks, seed=SEED, **fields))
+
+
+def action() -> session_pb2.SessionRequest:
+    return session_pb2.SessionRequest(action=EMPTY)
+
+
+def switch(prompt: str = PROMPTS[1]) -> session_pb2.SessionRequest:
+    return session_pb2.SessionRequest(switch_prompt=session_pb2.SwitchPrompt(prompt=prompt))
+
+
+# ---- prompt switches ---------------------------------------------------------------------------------------------
+
+def test_switching_session_equals_batch(services):
+    switches_before = metric_value(services.decoder_metrics_port, "worldstream_decoder_prompt_switches_total") or 0
+    result = run_session(services.address, None, [EMPTY] * BLOCKS, prompt=PROMPTS[0], switches=SWITCHES, seed=SEED,
+                         frame_encoding="raw")
+    info = result.info
+    assert (info.family, info.prompt_switching, info.video_conditioning) == ("longlive", True, True)
+    assert result.end.reason == session_pb2.END_REASON_MAX_BLOCKS and result.video_frames is None
+    assert [(s.block_index, s.switch_count, s.prompt_tokens_dropped) for s in result.switches] == [(2, 1, 0), (4, 2, 0)]
+    _, reference = batch_blocks(PROMPTS, [2, 4], BLOCKS, SEED)
+    assert [b.index for b in result.blocks if b.switched is not None] == [b.index for b in reference if b.switched]
+    for block, expected in zip(result.blocks, reference, strict=True):
+        assert np.array_equal(block.frames, expected.frames.numpy()), f"block {block.index} differs from batch"
+        assert ("recache" in block.stage_seconds) == (block.index in (2, 4)), block.stage_seconds
+    assert metric_value(services.decoder_metrics_port, "worldstream_decoder_prompt_switches_total") == \
+        switches_before + 2
+    assert metric_value(services.decoder_metrics_port, "worldstream_decoder_block_stage_seconds_count",
+                        {"stage": "recache"}) >= 2
+
+
+def test_a_switch_before_block_0_replaces_the_prompt_and_the_last_one_wins(services):
+    """Two switches before the same block: the later one takes effect; before block 0 nothing is re-cached."""
+    with SessionStream(services.address, start_request(None, prompt=PROMPTS[0], seed=SEED, max_blocks=1,
+                                                       frame_encoding="raw")) as stream:
+        stream.switch_prompt(PROMPTS[1])
+        stream.switch_prompt(PROMPTS[2])
+        stream.send(EMPTY)
+        stream.finish()
+        blocks = list(stream)
+    assert blocks[0].switched.block_index == 0 and blocks[0].switched.switch_count == 1
+    assert "recache" not in blocks[0].stage_seconds
+    _, reference = batch_blocks([PROMPTS[2]], [], 1, SEED)
+    assert np.array_equal(blocks[0].frames, reference[0].frames.numpy())
+
+
+def test_realtime_switch_takes_effect_at_a_later_block(services):
+    result = run_session(services.address, None, [EMPTY] * 4, prompt=PROMPTS[0], switches=[(1, PROMPTS[1])],
+                         seed=SEED, pacing="realtime")
+    assert len(result.blocks) == 4
+    for s in result.switches:  # once encoded, at the next block that starts (or none: the session was over)
+        assert s.block_index >= 1 and "recache" in result.blocks[s.block_index].stage_seconds
+    assert len(result.switches) <= 1
+
+
+@pytest.mark.parametrize("requests, code, message", [
+    ([start(), action(), action(), switch()], Code.INVALID_ARGUMENT,
+     "switch_prompt after the session's end (the actions of all 2 blocks were sent)"),
+    ([start(), action(), session_pb2.SessionRequest(stop=session_pb2.StopSession()), switch()],
+     Code.INVALID_ARGUMENT, "switch_prompt after the session's end (after `stop`)"),
+    ([start(), switch(" \n ")], Code.INVALID_ARGUMENT, "switch_prompt.prompt: "),
+    ([start(), switch("fox " * 30_000)], Code.INVALID_ARGUMENT,
+     "a `switch_prompt` of 120008 bytes; its prompt may have at most 65536"),
+])
+def test_switch_errors_and_the_service_goes_on(services, requests, code, message):
+    error = call_status(services.address, requests)
+    assert error.code() == code and message in error.details(), error.details()
+    assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
+
+
+def test_switch_on_an_image_deployment(tmp_path):
+    with running_services(tmp_path, decoder_args=SMALL_FRAMES, encoder_args=SMALL_FRAMES) as mg2:
+        image_start = session_pb2.SessionRequest(start=session_pb2.StartSession(image=png_bytes(), max_blocks=2))
+        error = call_status(mg2.address, [image_start, switch()])
+        assert error.code() == Code.INVALID_ARGUMENT
+        assert "starts from an image and takes actions: it has no prompt to switch" in error.details()
+        with SessionStream(mg2.address, start_request(png_bytes(), max_blocks=1)) as stream:
+            assert not stream.info.prompt_switching and not stream.info.video_conditioning
+            stream.send(stream.space.idle_action())
+            stream.finish()
+            assert len(list(stream)) == 1
+
+
+# ---- the client CLI ----------------------------------------------------------------------------------------------
+
+def test_client_plays_a_switch_script(services, tmp_path):
+    out = tmp_path / "switch.mp4"
+    run = subprocess.run([sys.executable, "-m", "worldstream.client", "play", "--address", services.address,
+                          "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--switch-at", "1", "--blocks", "2",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_size > 0 and "2 blocks, 21 frames" in run.stdout
+    assert "prompt switches took effect at blocks 1" in run.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a", "--prompt", "b"], "2 --prompt for 0 --switch-at: give 1"),
+    (["--prompt", "a", "--prompt", "b", "--switch-at", "2"], "--switch-at 2: give increasing block indices in [1, 1]"),
+    (["--prompt", "a", "--video", "clip.mp4"], "1 --prompt for 0 --switch-at and --video: give 2"),
+    (["--image", "x.png", "--benchmark", "--switch-at", "1"], "--switch-at and --video are for text-to-video"),
+])
+def test_client_refuses_bad_switch_scripts(args, message):
+    run = subprocess.run([sys.executable, "-m", "worldstream.client", "play", *args, "--blocks", "2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
