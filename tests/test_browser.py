@@ -1,6 +1,6 @@
 """The play page in a real headless Chromium (Playwright, driving the Debian `chromium` binary; nothing is
 downloaded), against the gateway and both services as real processes on the tiny configs: an image deployment
-(Matrix-Game-2) and a text-to-video one (Self-Forcing). Plus the gateway's limits and error relay over a plain
+(Matrix-Game-2) and text-to-video ones (Self-Forcing; LongLive, which switches prompts). Plus the gateway's limits and error relay over a plain
 WebSocket client, and its request building in-process.
 
 WORLDSTREAM_CHROMIUM names the browser binary (default: `chromium` or `chromium-browser` on PATH);
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -82,26 +83,34 @@ class GatewayProcess:
             self.process.wait()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("browser")
-    with running_services(logs, decoder_args=["--max-sessions", "2"]) as services:
-        gateway = GatewayProcess(services.address, logs / "gateway.log", ["--max-sessions", "2"])
+@contextlib.contextmanager
+def gateway_stack(logs: Path, gateway_args: list[str] = (), **services_kwargs):
+    """Both services of a config and a gateway in front of them."""
+    with running_services(logs, **services_kwargs) as services:
+        gateway = GatewayProcess(services.address, logs / "gateway.log", gateway_args)
         try:
             yield services, gateway
         finally:
             gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with gateway_stack(tmp_path_factory.mktemp("browser"), ["--max-sessions", "2"],
+                       decoder_args=["--max-sessions", "2"]) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def t2v_stack(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("browser-t2v")
-    with running_services(logs, config="selfforcing/t2v_tiny") as services:
-        gateway = GatewayProcess(services.address, logs / "gateway.log")
-        try:
-            yield services, gateway
-        finally:
-            gateway.stop()
+    with gateway_stack(tmp_path_factory.mktemp("browser-t2v"), config="selfforcing/t2v_tiny") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def longlive_stack(tmp_path_factory):
+    with gateway_stack(tmp_path_factory.mktemp("browser-longlive"), config="longlive/interactive_tiny") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +218,31 @@ def test_text_to_video_in_the_browser(browser, t2v_stack):
     assert page.is_visible("#prompt") and page.is_hidden("#image-setup")
     page.click("#start")  # no prompt typed: the page asks for one instead of starting
     assert "Type a prompt" in page.text_content("#error")
+    page.close()
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
+
+
+def test_switch_prompts_while_the_video_plays(browser, longlive_stack):
+    """LongLive: a new prompt typed while the video plays goes to the decoder, and the page says at which block it
+    took effect once that block is on screen."""
+    services, gateway = longlive_stack
+    page = open_page(browser, gateway)
+    page.fill("#prompt", "a red fox runs through fresh snow")
+    page.click("#start")
+    page.wait_for_function("Number(document.getElementById('frame-count').textContent) > 0", timeout=120_000)
+    assert "longlive" in page.text_content("#mode") and page.is_hidden("#overlay")
+    assert page.evaluate("document.activeElement.id") == "switch-prompt"  # ready to type the next prompt
+    page.keyboard.type("a storm over the sea")
+    page.click("#switch-button")
+    page.wait_for_function("document.getElementById('switch-status').textContent.startsWith('prompt switched')",
+                           timeout=60_000)
+    switches = page.evaluate("window.worldstream.stats.switches")
+    assert [s["count"] for s in switches] == [1] and switches[0]["block"] >= 1
+    block = switches[0]["block"]
+    assert page.text_content("#switch-status") == f"prompt switched at block {block}"
+    assert int(page.text_content("#block-index")) >= block and page.is_hidden("#error")
+    page.click("#stop")
+    page.wait_for_function("window.worldstream.stats.ended !== null", timeout=60_000)
     page.close()
     wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
 

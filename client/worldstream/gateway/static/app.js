@@ -182,6 +182,7 @@ function showSwitch(switched) {
   const dropped = switched.tokens_dropped ? ` (its last ${switched.tokens_dropped} tokens dropped)` : "";
   ui.switchStatus.textContent = `prompt switched at block ${switched.block}${dropped}`;
   ui.switchStatus.hidden = false;
+  setStatus(`Playing ${session.info.mode} under the new prompt: type another to switch again.`);
 }
 
 function blockOf(seq) {
