@@ -1,7 +1,7 @@
 """The play page in a real headless Chromium (Playwright, driving the Debian `chromium` binary; nothing is
 downloaded), against the gateway and both services as real processes on the tiny configs: an image deployment
-(Matrix-Game-2) and text-to-video ones (Self-Forcing; LongLive, which switches prompts). Plus the gateway's limits and error relay over a plain
-WebSocket client, and its request building in-process.
+(Matrix-Game-2) and text-to-video ones (Self-Forcing; LongLive, which switches prompts). Plus the gateway's limits
+and error relay over a plain WebSocket client, and its request building in-process.
 
 WORLDSTREAM_CHROMIUM names the browser binary (default: `chromium` or `chromium-browser` on PATH);
 WORLDSTREAM_UPDATE_SCREENSHOT=1 also writes the screenshot of a playing session to docs/browser.png."""
