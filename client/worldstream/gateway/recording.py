@@ -1,5 +1,6 @@
 """The session as an mp4 for the page's download button: the frames with the applied action drawn on them (image
-sessions; text sessions have no action) (`worldstream.client.video.VideoWriter`, PyAV), encoded on one worker thread so the event loop never waits."""
+sessions; text sessions have none) (`worldstream.client.video.VideoWriter`, PyAV), encoded on one worker thread so
+the event loop never waits."""
 from __future__ import annotations
 
 import asyncio
