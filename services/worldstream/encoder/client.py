@@ -109,7 +109,7 @@ class EncoderClient:
         deliver the tensors of `spec`."""
         request = encoder_pb2.ImageConditionRequest(
             session_id=session_id, mode=mode, image=image, height=height, width=width, max_blocks=max_blocks,
-            initial_credits=min(self.window, max_blocks), accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
+            initial_credits=1, accepted_transports=[encoder_pb2.TENSOR_TRANSPORT_GRPC])
         return await self._open(encoder_pb2.EncodeRequest(image=request), max_blocks, request.initial_credits, spec)
 
     async def open_prompt(self, session_id: str, mode: str, prompt: str, spec: ConditionSpec) -> ConditionFeed:
@@ -197,8 +197,9 @@ F = TypeVar("F", bound=EncoderStream)
 
 class ConditionFeed(EncoderStream):
     """The condition tensors of one session as they arrive: `context()` once, then `block(b)` in order (models
-    with a per-block condition; `max_blocks` is 0 for the others). Taking block b grants the encoder one more
-    credit, so it stays `window` blocks ahead of the session."""
+    with a per-block condition; `max_blocks` is 0 for the others). The stream opens with the credit of block 0
+    alone, so that the encoder computes nothing beside the session's first block (its first frame) when both
+    share a GPU; taking block b >= 1 raises the credit to b + `window`, so the encoder stays ahead of the session."""
 
     def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, max_blocks: int, credits: int,
                  spec: ConditionSpec):
@@ -327,18 +328,23 @@ class ConditionFeed(EncoderStream):
     async def block(self, b: int) -> torch.Tensor:
         """The cond_concat of block b (blocks are taken in order, each once)."""
         started = time.perf_counter()
+        credit = min(b + self.client.window, self.max_blocks) if b else 0
+        if credit > self._granted:
+            await self._grant(credit - self._granted)
         await self._wait(lambda: b in self._blocks, f"the condition of block {b}")
         self.client.metrics.encoder_request_seconds.labels(request="block").observe(time.perf_counter() - started)
-        if self._granted < self.max_blocks:
-            await self._grant()
         return self._blocks.pop(b)
 
-    async def _grant(self) -> None:
-        """One more block of credit. A stream that has failed takes none: the blocks already here stay usable,
-        and the next one missing fails with the stream's status."""
-        self._granted += 1  # first: the block may arrive before the write returns
+    def has_block(self, b: int) -> bool:
+        """Whether the cond_concat of block b is here (`block(b)` would not wait)."""
+        return b in self._blocks
+
+    async def _grant(self, blocks: int) -> None:
+        """More credit. A stream that has failed takes none: the blocks already here stay usable, and the next
+        one missing fails with the stream's status."""
+        self._granted += blocks  # first: a block may arrive before the write returns
         try:
-            await self.call.write(encoder_pb2.EncodeRequest(credit=encoder_pb2.CreditGrant(blocks=1)))
+            await self.call.write(encoder_pb2.EncodeRequest(credit=encoder_pb2.CreditGrant(blocks=blocks)))
         except Exception as e:
             async with self._changed:
                 self._failure = self._failure or self._stream_failure(e)

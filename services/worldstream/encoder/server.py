@@ -175,6 +175,7 @@ class _EncodeStream:
         self.profiler: torch.profiler.profile | None = None
         self.session = None
         self.credits = request.initial_credits
+        self.granted = False  # a credit grant arrived: the decoder's first block is out, prefetch may start
         self.ready: dict[int, list[encoder_pb2.EncodeResponse]] = {}
         self.sent = 0
         self.decoder_done = False  # the decoder half-closed: no more credit will come
@@ -222,7 +223,8 @@ class _EncodeStream:
 
     async def _compute_blocks(self) -> None:
         for b in range(self.request.max_blocks):
-            if not await self._until(lambda: b < self.credits + self.service.prefetch, f"to compute block {b}"):
+            if not await self._until(lambda: b < self.credits + self.service.prefetch * self.granted,
+                                     f"to compute block {b}"):
                 return
             started = time.perf_counter()
             messages, encode_seconds = await self.lane.run(_encode_block, self.session, b)
@@ -254,6 +256,7 @@ class _EncodeStream:
                                              f"{self.credits})")
             async with self.changed:
                 self.credits += blocks
+                self.granted = True
                 self.changed.notify_all()
         async with self.changed:
             self.decoder_done = True
