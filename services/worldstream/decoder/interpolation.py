@@ -6,6 +6,9 @@ encoder as far as the credit allows, so that the client is read only as fast as 
 producer (each batch's payload -> its new frames, on the clip's own worker thread) and the deliverer (frame
 encoding on a shared thread pool, then writing to the client, in output order). A bounded queue between producer
 and deliverer keeps at most `OUTBOX_BATCHES` finished batches in memory.
+
+With `transfer.cuda_ipc` a decoder on a GPU offers the encoder the same-host data plane (wire/cuda_ipc.py) for every
+payload but FRAMES_JPEG; the encoder uses it if it runs on the same GPU, else the payload travels over gRPC.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
 from ..serving.security import client_security_from_args
 from ..serving.streams import StreamSlots, opening_request
+from ..wire import cuda_ipc
 from worldstream.v1 import interpolation_pb2, interpolation_pb2_grpc, pair_encoder_pb2, session_pb2
 from .requests import parse_frame_output, require_start
 
@@ -95,6 +99,8 @@ class InterpolationService(interpolation_pb2_grpc.FrameInterpolationServiceServi
         self.warm_up = warm_up
         self.default_payload = payload
         self.payload_jpeg_quality = int(cfg.transfer.jpeg_quality)
+        self.cuda_ipc = bool(cfg.transfer.cuda_ipc)
+        self.cuda_ipc_offer = None  # set once loaded, if this decoder can receive through CUDA IPC
         self.frame_pool = concurrent.futures.ThreadPoolExecutor(frame_workers, thread_name_prefix="frames")
         self.interpolator: EdenInterpolator | None = None
 
@@ -106,9 +112,12 @@ class InterpolationService(interpolation_pb2_grpc.FrameInterpolationServiceServi
         if self.warm_up:
             grey = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
             await loop.run_in_executor(None, interpolator.interpolate, grey, grey, [0])
+        if self.cuda_ipc:
+            self.cuda_ipc_offer = cuda_ipc.offer(interpolator.device, self.encoder.address)
         self.interpolator = interpolator
         log_event(log, "models loaded", family="eden", device=str(interpolator.device),
-                  default_payload=self.default_payload, seconds=round(time.perf_counter() - started, 3))
+                  default_payload=self.default_payload, cuda_ipc_offered=self.cuda_ipc_offer is not None,
+                  seconds=round(time.perf_counter() - started, 3))
 
     async def terminate(self) -> None:
         await self.slots.terminate()
@@ -170,7 +179,10 @@ class _Clip:
             frame_format=interpolation_pb2.ClipFrameFormat.Value(f"CLIP_FRAME_FORMAT_{options.frame_format.upper()}"),
             payload=payload_value(options.payload), batch=options.batch, jpeg_quality=service.payload_jpeg_quality,
             initial_credits=service.encoder.window)
-        self.feed = await service.encoder.open_pairs(start, service.interpolator.cfg)
+        if service.cuda_ipc_offer is not None and options.payload != "frames_jpeg":
+            start.cuda_ipc.CopyFrom(service.cuda_ipc_offer)
+        self.feed = await service.encoder.open_pairs(start, service.interpolator.cfg, service.interpolator.device)
+        self._log("payload transport", transport="cuda_ipc" if self.feed.cuda_ipc else "grpc")
         await self._send(interpolation_pb2.InterpolateResponse(info=interpolation_pb2.InterpolateInfo(
             stream_id=self.id, height=options.height, width=options.width, factor=options.factor,
             batch=options.batch, frame_encoding=options.frame_encoding, payload=payload_value(options.payload))))

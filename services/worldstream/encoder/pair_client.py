@@ -5,6 +5,10 @@ image path, the decoder trusts nothing the encoder sends: each batch must be the
 its payload in order with the names, dtypes and shapes the stream expects (checked from each tensor's header,
 before anything is allocated) and finite values; a stream that breaks these rules fails the clip with
 INTERNAL, one that fails or ends early with UNAVAILABLE.
+
+With CUDA IPC (offered in `start.cuda_ipc`, chosen by the encoder in `ready.cuda_ipc`), the ring is checked against
+the slot size computed here before it is mapped, each batch's slot header against the payload's spec, and a batch
+is copied out of its slot as it arrives; taking it returns the slot (the credit) once the copy is complete.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ from ..engine.interpolation import TensorSpec, payload_spec
 from ..models.eden import EdenConfig, PairGeometry
 from ..serving.aio import within
 from ..serving.errors import ServiceError
-from ..wire import TensorAssembler, WireFormatError
+from ..wire import TensorAssembler, WireFormatError, cuda_ipc
 from worldstream.v1 import interpolation_pb2, pair_encoder_pb2
 from .client import EncoderClient, EncoderStream
-from .pairs import payload_name, payload_value
+from .pairs import payload_name, payload_value, slot_tensors
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,18 @@ class ReceivedBatch:
     encode_seconds: float  # the encoder's work
     transfer_seconds: float  # from the encoder starting to send it to the last chunk here (one host's clock)
     payload_bytes: int
+    slot_copy: cuda_ipc.SlotCopy | None = None  # CUDA IPC: the copy of `tensors` out of the encoder's slot
 
 
 class PairEncoderClient(EncoderClient):
     """The decoder's encoder channel, opening frame-pair streams."""
 
-    async def open_pairs(self, start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig) -> PairFeed:
-        """Open the EncodePairs stream of a clip and wait for the encoder's `ready`."""
+    async def open_pairs(self, start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig,
+                         device: torch.device) -> PairFeed:
+        """Open the EncodePairs stream of a clip and wait for the encoder's `ready`; `device` is the decoder's (where
+        CUDA IPC payloads are copied to, if `start` offers it)."""
         return await self._started(lambda: PairFeed(self, self._stub.EncodePairs(metadata=self._metadata), start,
-                                                    cfg), start)
+                                                    cfg, device), start)
 
 
 class PairFeed(EncoderStream):
@@ -52,12 +59,16 @@ class PairFeed(EncoderStream):
     receives the frames of batch b + window."""
 
     def __init__(self, client: PairEncoderClient, call: grpc.aio.StreamStreamCall,
-                 start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig):
+                 start: pair_encoder_pb2.PairStreamStart, cfg: EdenConfig, device: torch.device):
         super().__init__(client, call, "pair stream")
         self.batch_size = start.batch
         self.payload = payload_name(start.payload)
         self.geometry = PairGeometry(start.height, start.width, cfg.patch_size)
         self.cfg = cfg
+        self.device = device
+        self._offered_cuda_ipc = start.HasField("cuda_ipc")
+        self._ring_slots = start.initial_credits  # one slot per batch of initial credit
+        self._slots: cuda_ipc.SlotReader | None = None  # the encoder's ring, mapped (CUDA IPC)
         self._granted = start.initial_credits
         self._frames_sent = 0
         self._total_pairs: int | None = None  # known once the clip's last frame was sent
@@ -72,13 +83,38 @@ class PairFeed(EncoderStream):
         if (ready.payload, ready.batch) != (payload_value(self.payload), self.batch_size):
             raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder's pair stream has payload {ready.payload} "
                                                          f"and batch {ready.batch}, not what was asked")
+        if ready.HasField("cuda_ipc"):
+            await self._map_ring(ready.cuda_ipc)
         self._reader = asyncio.create_task(self._read())
+
+    @property
+    def cuda_ipc(self) -> bool:
+        """Whether the payloads arrive through CUDA IPC."""
+        return self._slots is not None
+
+    async def _map_ring(self, ring) -> None:
+        """Check the encoder's ring (only if this decoder offered CUDA IPC) and map it, off the event loop."""
+        try:
+            if not self._offered_cuda_ipc:
+                raise WireFormatError("it chose CUDA IPC, which this decoder did not offer")
+            _, slot_bytes = cuda_ipc.layout(slot_tensors(self.payload, self.batch_size, self.geometry, self.cfg))
+            self._slots = await asyncio.get_running_loop().run_in_executor(
+                None, cuda_ipc.SlotReader, ring, self.device, slot_bytes, self._ring_slots)
+        except WireFormatError as e:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} broke the pair "
+                                                         f"stream's rules: {e}") from None
 
     def _refusal(self, error: grpc.RpcError, what: str) -> ServiceError:
         if error.code() == grpc.StatusCode.UNIMPLEMENTED:
             return ServiceError(grpc.StatusCode.INTERNAL, f"the {what} does not serve frame pairs: run it with this "
                                                           "decoder's (eden) config")
         return super()._refusal(error, what)
+
+    def close(self) -> None:
+        super().close()
+        if self._slots is not None:  # unmapping waits for the device: not on the event loop
+            slots, self._slots = self._slots, None
+            asyncio.get_running_loop().run_in_executor(None, slots.close)
 
     # -- towards the encoder --
 
@@ -138,8 +174,15 @@ class PairFeed(EncoderStream):
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder did not deliver batch {b} within "
                                                             f"{self.client.request_timeout:g} s") from None
         if b in self._received:
+            batch = self._received.pop(b)
+            if batch.slot_copy is not None:
+                await batch.slot_copy.wait()  # the slot is returned with the credit: the copy must be complete
+                if not batch.slot_copy.finite:
+                    raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} broke the "
+                                                                 f"pair stream's rules: batch {b} holds NaN or "
+                                                                 "infinite values")
             await self._grant()
-            return self._received.pop(b)
+            return batch
         if self._past_end(b):
             return None
         raise self._failure
@@ -205,13 +248,24 @@ class PairFeed(EncoderStream):
             raise WireFormatError(f"a short batch of {header.pairs} pairs that is not the clip's last")
         payload_bytes = message.ByteSize()
         tensors: dict[str, torch.Tensor] = {}
-        for spec in payload_spec(self.payload, header.pairs, self.geometry, self.cfg):
-            tensor, size = await self._read_tensor(spec)
-            tensors[spec.name] = tensor
-            payload_bytes += size
+        slot_copy = None
+        if self._slots is not None:
+            slot_message = await self.call.read()
+            if slot_message is grpc.aio.EOF or slot_message.WhichOneof("response") != "cuda_ipc":
+                raise WireFormatError(f"the CUDA IPC slot of batch {self._next} did not follow its header")
+            slot_copy = self._slots.read(slot_message.cuda_ipc,
+                                         slot_tensors(self.payload, header.pairs, self.geometry, self.cfg),
+                                         slot_due=self._next % self._slots.slots)
+            tensors = slot_copy.tensors
+            payload_bytes += slot_message.ByteSize()
+        else:
+            for spec in payload_spec(self.payload, header.pairs, self.geometry, self.cfg):
+                tensor, size = await self._read_tensor(spec)
+                tensors[spec.name] = tensor
+                payload_bytes += size
         transfer = time.time() - header.send_time.ToNanoseconds() / 1e9
         return ReceivedBatch(header.batch_index, header.pairs, tensors, header.encode_seconds, max(0.0, transfer),
-                             payload_bytes)
+                             payload_bytes, slot_copy)
 
     async def _read_tensor(self, spec: TensorSpec) -> tuple[torch.Tensor, int]:
         if spec.shape is None:  # variable length: bounded, checked once complete

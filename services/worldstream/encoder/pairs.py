@@ -5,6 +5,9 @@ protos/worldstream/v1/pair_encoder.proto). Per batch of K consecutive pairs the 
 runs the encoder half (`engine.interpolation.encode_payload`: padding, the unpadded difference, the frame stats
 and, for the TOKENS payloads, the patchify) on its own worker thread, and sends the payload in chunks. The
 decoder's credit bounds the frames a stream holds: the frames of batch b arrive only once b is granted.
+
+A decoder on the same host and GPU may offer CUDA IPC (wire/cuda_ipc.py): the stream then writes each payload into
+a slot of its ring of device buffers and sends only the slot's header; a credit returns the oldest slot.
 """
 from __future__ import annotations
 
@@ -19,14 +22,14 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..engine.eden import build_eden_patchify, check_frame_size
-from ..engine.interpolation import DEFAULT_PAYLOAD_JPEG_QUALITY, decode_frame, encode_payload
-from ..models.eden import EdenPatchify
+from ..engine.interpolation import DEFAULT_PAYLOAD_JPEG_QUALITY, decode_frame, encode_payload, payload_spec
+from ..models.eden import EdenConfig, EdenPatchify, PairGeometry
 from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
 from ..serving.streams import opening_request, require_kind
-from ..wire import pack_tensors
+from ..wire import cuda_ipc, pack_tensors
 from worldstream.v1 import encoder_pb2_grpc, interpolation_pb2, pair_encoder_pb2
 from .server import encoder_slots
 
@@ -53,6 +56,11 @@ def frame_format_name(value: int) -> str:
     if value not in interpolation_pb2.ClipFrameFormat.values():
         raise ValueError(f"unknown frame_format {value}; use IMAGE (PNG/JPEG) or RAW_RGB")
     return interpolation_pb2.ClipFrameFormat.Name(value)[len(_FORMAT_PREFIX):].lower()
+
+
+def slot_tensors(payload: str, pairs: int, geometry: PairGeometry, cfg: EdenConfig) -> cuda_ipc.SlotTensors:
+    """The payload's tensors of a batch of `pairs` pairs as they lie in a CUDA IPC slot (not FRAMES_JPEG)."""
+    return [(spec.name, spec.dtype, spec.shape) for spec in payload_spec(payload, pairs, geometry, cfg)]
 
 
 def now_timestamp() -> Timestamp:
@@ -103,7 +111,7 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
     async def _encode_pairs(self, requests, context: grpc.aio.ServicerContext) -> None:
         self.slots.check_open(loaded=self.patchify is not None)
         first = await opening_request(requests, self.idle_timeout, self.metrics, "a `start` request")
-        options = self._checked(require_kind(first, "start"))
+        options = self._checked(require_kind(first, "start"), context.peer())
         with self.slots.slot():
             stream = _PairStream(self, options, context)
             try:
@@ -111,7 +119,7 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
             finally:
                 stream.close()
 
-    def _checked(self, start: pair_encoder_pb2.PairStreamStart) -> StreamOptions:
+    def _checked(self, start: pair_encoder_pb2.PairStreamStart, peer: str) -> StreamOptions:
         try:
             check_frame_size(start.height, start.width, self.patchify.cfg, self.max_pixels)
             payload, frame_format = payload_name(start.payload), frame_format_name(start.frame_format)
@@ -124,8 +132,13 @@ class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         quality = start.jpeg_quality or DEFAULT_PAYLOAD_JPEG_QUALITY
         if quality > 100:
             raise ServiceError(_INVALID, f"jpeg_quality must be in [1, 100], got {start.jpeg_quality}")
+        offer = start.cuda_ipc if start.HasField("cuda_ipc") else None
+        device = self.patchify.patch_cond_dit.weight.device
+        # One slot per batch of initial credit: the frames of batch b arrive only after the credit that returns the
+        # slot of batch b - initial_credits, so a slot is always free when a batch is encoded.
+        ipc = payload != "frames_jpeg" and cuda_ipc.accepts(offer, device, peer, start.initial_credits)
         return StreamOptions(start.stream_id, start.height, start.width, frame_format, payload, start.batch, quality,
-                             start.initial_credits)
+                             start.initial_credits, ipc)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ class StreamOptions:
     batch: int
     jpeg_quality: int
     initial_credits: int
+    cuda_ipc: bool  # the payload travels through a CUDA IPC ring (the decoder offered it, same host and GPU)
 
 
 class _PairStream:
@@ -156,6 +170,7 @@ class _PairStream:
         self.changed = asyncio.Condition()
         self.last_frame: torch.Tensor | None = None  # the previous batch's last frame, the next one's first
         self.sent = 0
+        self.ring: cuda_ipc.SlotRing | None = None  # with CUDA IPC: batch b goes into slot b mod its size
 
     async def _send(self, message: pair_encoder_pb2.EncodePairsResponse) -> None:
         await write_with_timeout(self.context, message, self.metrics, self.service.idle_timeout)
@@ -200,10 +215,18 @@ class _PairStream:
 
     async def send_all(self) -> None:
         options = self.options
-        await self._send(pair_encoder_pb2.EncodePairsResponse(ready=pair_encoder_pb2.PairStreamReady(
-            payload=payload_value(options.payload), batch=options.batch)))
+        ready = pair_encoder_pb2.PairStreamReady(payload=payload_value(options.payload), batch=options.batch)
+        if options.cuda_ipc:
+            patchify = self.service.patchify
+            geometry = PairGeometry(options.height, options.width, patchify.cfg.patch_size)
+            _, slot_bytes = cuda_ipc.layout(slot_tensors(options.payload, options.batch, geometry, patchify.cfg))
+            self.ring = await self.lane.run(cuda_ipc.SlotRing, patchify.patch_cond_dit.weight.device, slot_bytes,
+                                            options.initial_credits)
+            ready.cuda_ipc.CopyFrom(self.ring.message)
+        await self._send(pair_encoder_pb2.EncodePairsResponse(ready=ready))
         log_event(log, "pair stream opened", stream_id=options.stream_id, payload=options.payload,
-                  batch=options.batch, height=options.height, width=options.width)
+                  batch=options.batch, height=options.height, width=options.width,
+                  transport="cuda_ipc" if options.cuda_ipc else "grpc")
         encoded: asyncio.Queue = asyncio.Queue(maxsize=1)  # one batch encoded ahead of the one being sent
         await run_together(self._send_batches(encoded), self._encode_batches(encoded))
         log_event(log, "pair stream finished", stream_id=options.stream_id, frames=self.received, batches=self.sent)
@@ -213,11 +236,21 @@ class _PairStream:
         while (pairs := await self._frames_of(b)) > 0:
             first = b * self.options.batch
             data = [self.frames.pop(t) for t in range(first + (self.last_frame is not None), first + pairs + 1)]
+            if self.ring is not None:
+                self._check_slot_returned(b)
             messages, seconds = await self.lane.run(self._encode, b, first, data)
             self.metrics.block_stage_seconds.labels(stage="encode").observe(seconds)
             await encoded.put((b, pairs, seconds, messages))
             b += 1
         await encoded.put(None)
+
+    def _check_slot_returned(self, b: int) -> None:
+        """Batch b reuses the slot of batch b - ring size, which the credit beyond the initial one for that batch
+        returned (it came before batch b's frames: the credit rules make this hold)."""
+        returned = self.credits - self.options.initial_credits
+        if b - self.ring.slots >= returned:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"batch {b} would overwrite the CUDA IPC slot of batch "
+                                                         f"{b - self.ring.slots}, which the decoder has not returned")
 
     def _encode(self, b: int, first: int, data: list[bytes]) -> tuple[list[pair_encoder_pb2.EncodePairsResponse],
                                                                          float]:
@@ -234,6 +267,9 @@ class _PairStream:
                 raise ServiceError(_INVALID, str(e)) from None
         self.last_frame = decoded[-1]
         tensors = encode_payload(torch.stack(decoded), options.payload, self.service.patchify, options.jpeg_quality)
+        if self.ring is not None:
+            header = self.ring.write(b % self.ring.slots, tensors)
+            return [pair_encoder_pb2.EncodePairsResponse(cuda_ipc=header)], time.perf_counter() - started
         messages = [pair_encoder_pb2.EncodePairsResponse(tensor=chunk) for chunk in pack_tensors(tensors)]
         return messages, time.perf_counter() - started
 
@@ -255,3 +291,5 @@ class _PairStream:
     def _free(self) -> None:
         self.frames.clear()
         self.last_frame = None
+        if self.ring is not None:
+            self.ring.close()
