@@ -11,20 +11,21 @@ size, and per cell:
   * payload: tokens_fp32 (what the published split fork sends), tokens_bf16, frames (padded uint8) or frames_jpeg;
   * serialisation and path: the fork's `torch.save` blob (a local buffer, loaded with weights_only=True: a
     baseline only, never sent anywhere), our wire format (TensorChunk messages, serialised and parsed) in one
-    process, and gRPC between real encoder and decoder service processes over loopback (plus the client process
-    sending raw RGB frames and receiving raw RGB frames).
-It reports bytes per pair between the halves, encode / transfer / decode milliseconds per pair (device-synchronised
-in one process; the services' own per-batch stage times over gRPC), pairs/s end to end, p50 / p99 over `--runs`
-of the latency to the first interpolated frame, and peak RSS (VmHWM, reset per cell, of every process of the cell)
+    process, gRPC between real encoder and decoder service processes over loopback (plus the client process
+    sending raw RGB frames and receiving raw RGB frames), and `cuda_ipc`: the same services with the same-host
+    GPU data plane (`transfer.cuda_ipc`, wire/cuda_ipc.py), the payload left on the GPU and handed over through a
+    ring of CUDA IPC buffers while gRPC carries the control messages (services on a GPU only; not frames_jpeg,
+    whose JPEG files are decoded on the CPU).
+It reports bytes per pair between the halves (for cuda_ipc the control messages only), encode / transfer / decode
+milliseconds per pair (device-synchronised in one process; the services' own per-batch stage times: with cuda_ipc,
+transfer ends once the decoder has queued its device-to-device copy out of the slot), pairs/s end to end, p50 / p99
+over `--runs` of the latency to the first interpolated frame, and peak RSS (VmHWM, reset per cell, of every process of the cell)
 and, on a GPU, peak VRAM (in one process: the caching allocator's peak; services: the GPU memory they hold, from
 nvidia-smi). Output: a table on stdout, `--json`, and `--plot` (pairs/s and bytes per pair against K).
 
 `--mg2` runs the same comparison for Matrix-Game-2's condition stream instead: `cond_concat` encoded and sent per
 block as the encoder service does (in one process and over gRPC from the real encoder service) against the
 reference's way, one batched encode of the whole padded video before the first frame.
-
-Not here yet: the same-host CUDA IPC data plane (`TENSOR_TRANSPORT_CUDA_IPC`, reserved in encoder.proto), where
-the payload would stay on the GPU and gRPC carry only a handle: a fourth path for the GPU session to add.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ from services import gpu_memory_mib  # noqa: E402
 FULL_SIZES = ["352x640", "480x832", "1088x1920"]
 CLIENT_PAYLOADS = {"tokens_fp32": "tokens", "tokens_bf16": "tokens-bf16", "frames": "frames",
                    "frames_jpeg": "frames-jpeg"}
-PATHS = ("torch.save", "wire", "grpc")  # the first two in this process
+PATHS = ("torch.save", "wire", "grpc", "cuda_ipc")  # the first two in this process
+SERVICE_PATHS = {"grpc": "false", "cuda_ipc": "true"}  # -> the services' transfer.cuda_ipc
+IPC_CONTROL_BYTES = 4096  # per batch at most: a cuda_ipc cell with more sent its payload over gRPC
 QUICK = {"config": "eden/interpolate_tiny", "sizes": ["64x96"], "frames": 9, "batches": [1, 4], "runs": 2,
          "mg2_config": "mg2/universal_tiny", "blocks": 2, "mg2_warmup_blocks": 0, "threads": 1}
 
@@ -165,6 +168,7 @@ def in_process_cell(interpolator: EdenInterpolator, clip: list[torch.Tensor], pa
 
 
 def grpc_cell(stack: ServiceStack, clip: list[np.ndarray], payload: str, batch: int, runs: int) -> dict:
+    """A cell through the services (paths grpc and cuda_ipc: the stack's transfer.cuda_ipc says which)."""
     pids = [os.getpid(), stack.encoder.process.pid, stack.decoder.process.pid]
     reset_peak_rss(pids)
     measured = []
@@ -240,7 +244,8 @@ def plot(cells: list[dict], path: Path, title: str) -> None:
             line = sorted((c for c in cells if c["size"] == size and (c["path"], c["payload"]) == key),
                           key=lambda c: c["batch"])
             batches = [c["batch"] for c in line]
-            style = {"linestyle": {"torch.save": ":", "wire": "--", "grpc": "-"}[key[0]], "marker": "o",
+            style = {"linestyle": {"torch.save": ":", "wire": "--", "grpc": "-", "cuda_ipc": "-."}[key[0]],
+                     "marker": "o",
                      "color": f"C{PAYLOADS.index(key[1])}", "label": " ".join(key)}
             axes[0][column].plot(batches, [c["pairs_per_s"] for c in line], **style)
             axes[1][column].plot(batches, [c["bytes_per_pair"] / 2**20 for c in line], **style)
@@ -273,36 +278,70 @@ def machine() -> str:
 
 # ---- EDEN --------------------------------------------------------------------------------------------------------
 
+def not_applicable(path: str, payload: str, device: torch.device) -> str | None:
+    """Why a cell cannot run here (None: it can)."""
+    if path != "cuda_ipc":
+        return None
+    if device.type != "cuda":
+        return "cuda_ipc needs the services on a CUDA device"
+    if payload == "frames_jpeg":
+        return "cuda_ipc does not carry frames_jpeg (its JPEG files are decoded on the CPU)"
+    return None
+
+
+def check_cuda_ipc_used(cell: dict) -> None:
+    """A cuda_ipc cell whose payload went over gRPC (the decoder did not offer, or the encoder did not choose, CUDA
+    IPC: see the services' logs) must not pass for one."""
+    if cell["bytes_per_pair"] * cell["pairs"] > IPC_CONTROL_BYTES * math.ceil(cell["pairs"] / cell["batch"]):
+        raise RuntimeError(f"the cuda_ipc services sent {cell['bytes_per_pair']:.0f} bytes per pair: the payload went "
+                           "over gRPC (see 'payload transport' in the decoder's log)")
+
+
 def run_eden(args: argparse.Namespace, record: dict) -> None:
     cfg = load_config(args.config, args.overrides)
     interpolator = EdenInterpolator(cfg)
     print(f"# EDEN transfer | {args.config} {' '.join(args.overrides)} | {record['machine']} | commit "
           f"{record['commit']} | {record['date']} | {args.frames} frames, x2, {args.runs} runs per cell")
+    skipped = {(path, payload): why for path in args.paths for payload in args.payloads
+               if (why := not_applicable(path, payload, interpolator.device))}
+    for (path, payload), why in skipped.items():
+        print(f"# not applicable: {path} {payload}: {why}")
+    record["not_applicable"] = [{"path": path, "payload": payload, "why": why}
+                                for (path, payload), why in skipped.items()]
     print(header())
     cells = record["cells"]
-    stack = None
+    stacks: dict[str, ServiceStack] = {}
     try:
-        if "grpc" in args.paths:
-            stack = ServiceStack(args.config, args.log_dir, args.overrides, startup_timeout=900).__enter__()
+        for path in args.paths:
+            if path in SERVICE_PATHS and any((path, payload) not in skipped for payload in args.payloads):
+                stacks[path] = ServiceStack(args.config, args.log_dir / path,
+                                            [*args.overrides, f"transfer.cuda_ipc={SERVICE_PATHS[path]}"],
+                                            startup_timeout=900).__enter__()
         for size, clip in clips(args).items():
             tensors = [torch.from_numpy(frame).permute(2, 0, 1).contiguous() for frame in clip]
             warm = [tensors[0], tensors[1]]
             for payload in args.payloads:  # one warm-up per payload: lazy initialisation stays out of the cells
                 list(interpolate_frames(interpolator, warm, factor=2, batch=1, payload=payload))
-                if stack is not None:
-                    interpolate(stack.address, clip[:2], batch=1, payload=CLIENT_PAYLOADS[payload], frame_encoding="raw")
+                for path, stack in stacks.items():
+                    if (path, payload) not in skipped:
+                        interpolate(stack.address, clip[:2], batch=1, payload=CLIENT_PAYLOADS[payload],
+                                    frame_encoding="raw")
             for path in args.paths:
                 for payload in args.payloads:
+                    if (path, payload) in skipped:
+                        continue
                     for batch in args.batches:
-                        if path == "grpc":
-                            cell = grpc_cell(stack, clip, payload, batch, args.runs)
+                        if path in SERVICE_PATHS:
+                            cell = grpc_cell(stacks[path], clip, payload, batch, args.runs)
                         else:
                             cell = in_process_cell(interpolator, tensors, payload, batch, path, args.runs)
                         cell.update(size=size, path=path, payload=payload, batch=batch)
+                        if path == "cuda_ipc":
+                            check_cuda_ipc_used(cell)
                         cells.append(cell)
                         print(row(cell), flush=True)
     finally:
-        if stack is not None:
+        for stack in stacks.values():
             stack.close()
 
 
