@@ -1,11 +1,13 @@
 """LongLive sessions end to end: client -> decoder service -> encoder service, as real processes on loopback, on the
 tiny interactive config: prompt switches (frames equal to the batch front-end's with the same switch script, the
-PromptSwitched responses, the "recache" stage), their errors, and the client CLI's --prompt/--switch-at."""
+PromptSwitched responses, the "recache" stage), video-conditional sessions (the clip's reconstruction and the blocks
+equal to the batch front-end's), their errors, and the client CLI's --prompt/--switch-at and --video."""
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import av
 import grpc
 import numpy as np
 import pytest
@@ -14,7 +16,10 @@ from service_harness import REPO, SMALL_FRAMES, metric_value, png_bytes, running
 from worldstream.batch import PromptConditioning
 from worldstream.client import SessionStream, run_session, start_request
 from worldstream.client.session import MAX_RECEIVE_BYTES
+from worldstream.client.video import VideoWriter
+from worldstream.engine.clips import conditioning_pixel_frames, decode_clip
 from worldstream.engine.config import load_config
+from worldstream.encoder.client import VIDEO_CHUNK_BYTES
 from worldstream.engine.generator import BlockOutput, DecoderModels
 from worldstream.v1 import session_pb2, session_pb2_grpc
 
@@ -50,6 +55,16 @@ def batch_blocks(prompts: list[str], switch_blocks: list[int], blocks: int, seed
         return None if lead is None else lead.numpy(), outputs
     finally:
         session.close()
+
+
+def write_clip(path, frames: int, fps: int = 24, height: int = 80, width: int = 120, noise: int = 0):
+    """A short moving-stripes clip (mp4), as tests/test_longlive.py makes them; `noise` makes the file larger."""
+    t, y, x = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
+    stripes = np.repeat(((2 * x + 9 * t + y) % 256)[..., None], 3, axis=-1)
+    grain = np.random.default_rng(0).integers(-noise, noise + 1, stripes.shape) if noise else 0
+    with VideoWriter(path, fps=fps) as writer:
+        writer.write(np.clip(stripes + grain, 0, 255).astype(np.uint8))
+    return path
 
 
 def call_status(address: str, requests: list[session_pb2.SessionRequest]) -> grpc.RpcError:
@@ -148,6 +163,40 @@ def test_switch_on_an_image_deployment(tmp_path):
             assert len(list(stream)) == 1
 
 
+# ---- video-conditional sessions ----------------------------------------------------------------------------------
+
+def test_video_session_equals_batch(services, tmp_path):
+    # 26 frames at 16 fps: 6 latents (2 blocks), 21 frames; over 1 MiB, so the clip goes to the encoder in 2 chunks
+    clip = write_clip(tmp_path / "clip.mp4", frames=40, height=200, width=320, noise=120)
+    assert VIDEO_CHUNK_BYTES < clip.stat().st_size < 2 * VIDEO_CHUNK_BYTES
+    result = run_session(services.address, None, [EMPTY] * 2, video=clip, video_prompt=PROMPTS[0], prompt=PROMPTS[1],
+                         seed=SEED, frame_encoding="raw")
+    cfg = load_config(CONFIG)
+    pixels = decode_clip(clip, int(cfg.video.fps), int(cfg.video.height), int(cfg.video.width),
+                         conditioning_pixel_frames(int(cfg.conditioning.max_latents)))
+    lead, reference = batch_blocks(PROMPTS[:2], [], 2, SEED, clip=pixels)
+    assert lead.shape == (21, 64, 112, 3) and np.array_equal(result.video_frames, lead)
+    assert [b.frames.shape[0] for b in result.blocks] == [12, 12]  # the decoder is warm: whole blocks from block 0
+    for block, expected in zip(result.blocks, reference, strict=True):
+        assert np.array_equal(block.frames, expected.frames.numpy()), f"block {block.index} differs from batch"
+    assert not result.switches and result.end.reason == session_pb2.END_REASON_MAX_BLOCKS
+
+
+@pytest.mark.parametrize("video, fields, message", [
+    (b"\0" * 64, {}, "clip rejected: clip bytes (64 B): not a decodable video"),
+    ("SHORT", {}, "the clip has 8 frames at the model's frame rate; video conditioning needs at least 9"),
+    ("CLIP", {"video_prompt": ""}, "start.video_prompt is empty"),
+    ("CLIP", {"max_blocks": 341}, "max_blocks 341 exceeds this server's limit of 337 blocks with `video`"),
+], ids=["undecodable", "too-short", "no-video-prompt", "too-many-blocks"])
+def test_video_errors_and_the_service_goes_on(services, tmp_path, video, fields, message):
+    clips = {"SHORT": write_clip(tmp_path / "short.mp4", frames=8, fps=16), "CLIP": write_clip(tmp_path / "c.mp4", 14)}
+    fields = {"video_prompt": PROMPTS[0], **fields}
+    error = call_status(services.address, [start(video=clips[video].read_bytes() if video in clips else video,
+                                                 **fields)])
+    assert error.code() == Code.INVALID_ARGUMENT and message in error.details(), error.details()
+    assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
+
+
 # ---- the client CLI ----------------------------------------------------------------------------------------------
 
 def test_client_plays_a_switch_script(services, tmp_path):
@@ -158,6 +207,17 @@ def test_client_plays_a_switch_script(services, tmp_path):
     assert run.returncode == 0, run.stderr
     assert out.stat().st_size > 0 and "2 blocks, 21 frames" in run.stdout
     assert "prompt switches took effect at blocks 1" in run.stdout
+
+
+def test_client_continues_a_video(services, tmp_path):
+    out, clip = tmp_path / "continued.mp4", write_clip(tmp_path / "clip.mp4", frames=14)  # 3 latents, 9 frames
+    run = subprocess.run([sys.executable, "-m", "worldstream.client", "play", "--address", services.address,
+                          "--video", str(clip), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--blocks", "1",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "reconstructs it (9 frames) comes first" in run.stdout and "1 blocks, 12 frames" in run.stdout
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(container.streams.video[0])) == 9 + 12
 
 
 @pytest.mark.parametrize("args, message", [

@@ -156,10 +156,14 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
         raise ServiceError(_INVALID, f"this server runs mode {models.mode!r}, not {start.mode!r}; connect to a "
                                      f"{start.mode} deployment")
     image, prompt, video, video_prompt = _conditioning(start, models)
-    max_blocks = start.max_blocks or models.max_blocks
-    if max_blocks > models.max_blocks:
+    limit, why = models.max_blocks, models.block_limit
+    if video:  # the clip's latents take positions of the session's reach too
+        clip_blocks = -(-int(models.cfg.conditioning.max_latents) // models.frames_per_block)
+        limit, why = limit - clip_blocks, f"{why}, less {clip_blocks} for the clip's latents at most"
+    max_blocks = start.max_blocks or limit
+    if max_blocks > limit:
         raise ServiceError(_INVALID, f"max_blocks {start.max_blocks} exceeds this server's limit of "
-                                     f"{models.max_blocks} blocks ({models.block_limit})")
+                                     f"{limit} blocks{' with `video`' if video else ''} ({why})")
     encoding, quality = parse_frame_output(start)
     pacing = start.pacing or session_pb2.PACING_LOCKSTEP
     if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):

@@ -8,12 +8,14 @@ encoded and sent; a bounded queue between them keeps at most `OUTBOX_BLOCKS` fin
 
 Prompt switches (LongLive): each `switch_prompt` opens its own Encode call at once; the block it is due at (the
 block of the next action, LOCKSTEP; the first block to start once it is encoded, REALTIME) switches to it, waiting
-for its text context only then.
+for its text context only then. A session that continues a video has the clip and its two prompts encoded at once
+(three Encode calls), caches the clip before `info`, and sends its reconstruction (`video_frames`) before block 0.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 import uuid
@@ -26,7 +28,7 @@ import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from worldstream.api.spaces import BlockAction
-from ..encoder.client import ConditionFeed, ConditionSpec, EncoderClient
+from ..encoder.client import ClipSpec, ConditionFeed, ConditionSpec, EncoderClient
 from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
 from ..media import encode_jpeg
 from ..serving.aio import WorkerLane, run_together, within, write_with_timeout
@@ -204,7 +206,8 @@ class Session:
         self.blocks_started = 0
         self.generation: GenerationSession | None = None
         self.profiler: torch.profiler.profile | None = None
-        self.outbox: asyncio.Queue[_Finished | session_pb2.SessionEnd] = asyncio.Queue(OUTBOX_BLOCKS)
+        # blocks, the end, and first a continued clip's reconstruction (uint8 [T, H, W, 3])
+        self.outbox: asyncio.Queue[_Finished | session_pb2.SessionEnd | torch.Tensor] = asyncio.Queue(OUTBOX_BLOCKS)
         self.blocks_sent = 0
         self.ending = asyncio.Event()  # `end` is on its way: the call ends with OK whatever the client sends now
 
@@ -220,14 +223,18 @@ class Session:
                   pacing=session_pb2.Pacing.Name(options.pacing),
                   frame_encoding=session_pb2.FrameEncoding.Name(options.frame_encoding), peer=self.context.peer())
         height, width = int(models.cfg.video.height), int(models.cfg.video.width)
-        if models.text_to_video:
+        reconstruction = None
+        if options.video:
+            reconstruction, tokens_dropped = await self._continue_video()
+        elif models.text_to_video:
             prompt = await self._prompt_context(options.prompt)
-            context, tokens_dropped = prompt.context, prompt.tokens_dropped
+            tokens_dropped = prompt.tokens_dropped
+            self.generation = await self.lane.run(self._open_generation, prompt.context)
         else:
             self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
                                                         options.max_blocks, self.spec)
-            context, tokens_dropped = await self.feed.context(), 0
-        self.generation = await self.lane.run(self._open_generation, context)
+            tokens_dropped = 0
+            self.generation = await self.lane.run(self._open_generation, await self.feed.context())
         info = session_pb2.SessionInfo(
             session_id=self.id, mode=options.mode, height=height, width=width,
             first_block_frames=models.layout.first_block_frames, block_frames=models.layout.block_frames,
@@ -237,7 +244,40 @@ class Session:
         if self.space is not None:
             info.action_space.CopyFrom(action_space_message(self.space))
         await self._send(session_pb2.SessionResponse(info=info))
+        if reconstruction is not None:
+            self.outbox.put_nowait(reconstruction)
         await run_together(self._deliver(), self._produce(), self._read(messages), settled=self.ending)
+
+    async def _continue_video(self) -> tuple[torch.Tensor, int]:
+        """Encode the clip and both prompts at once, open the session under the clip's prompt and cache the clip
+        in it, then generate under the start's prompt (`batch.PromptConditioning` with a clip, exactly). Returns
+        the clip as the model reconstructs it and the tokens the start's prompt lost to truncation."""
+        options = self.options
+        tasks = [asyncio.ensure_future(self._clip_latents()),
+                 asyncio.ensure_future(self._prompt_context(options.video_prompt)),
+                 asyncio.ensure_future(self._prompt_context(options.prompt))]
+        try:
+            latents, described, prompt = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.options = dataclasses.replace(options, video=b"")  # sent: the session need not hold it
+        self.generation = await self.lane.run(self._open_generation, described.context)
+        try:
+            reconstruction = await self.lane.run(self.generation.condition_on_video, latents, prompt.context)
+        except ValueError as e:  # (parse_start leaves room for the longest clip: a config mistake)
+            raise ServiceError(_INVALID, f"start.video: {e}") from None
+        return reconstruction, prompt.tokens_dropped
+
+    async def _clip_latents(self) -> torch.Tensor:
+        """The conditioning latents of the start's clip, from its own Encode call."""
+        feed = await self.manager.encoder.open_video(self.id, self.options.mode, self.options.video,
+                                                     ClipSpec.of(self.models))
+        try:
+            return await feed.latents()
+        finally:
+            feed.close()
 
     def _open_generation(self, context: torch.Tensor) -> GenerationSession:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
@@ -385,6 +425,9 @@ class Session:
         loop = asyncio.get_running_loop()
         while True:
             item = await self.outbox.get()
+            if isinstance(item, torch.Tensor):
+                await self._send_video_frames(item)
+                continue
             if isinstance(item, session_pb2.SessionEnd):
                 self.ending.set()
                 item.blocks_generated = self.blocks_sent
@@ -407,6 +450,15 @@ class Session:
                 self.metrics.block_stage_seconds.labels(stage=stage).observe(seconds)
             if self.blocks_sent == 1:
                 self.metrics.time_to_first_frame_seconds.observe(time.perf_counter() - self.received)
+
+    async def _send_video_frames(self, frames: torch.Tensor) -> None:
+        """A continued clip's reconstruction, in messages of a block's frames at most."""
+        loop, total, per_message = asyncio.get_running_loop(), frames.shape[0], self.models.layout.block_frames
+        for first in range(0, total, per_message):
+            encoded = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames,
+                                                 frames[first:first + per_message])
+            await self._send(session_pb2.SessionResponse(video_frames=session_pb2.VideoFrames(
+                first_frame=first, frames=encoded, total_frames=total)))
 
     def _encode_frames(self, frames: torch.Tensor) -> list[bytes]:
         if self.options.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:

@@ -46,6 +46,8 @@ _CHANNEL_OPTIONS = [
 
 
 _VISUAL_CONTEXT, _PROMPT_EMBEDS, _COND_CONCAT = "visual_context", "prompt_embeds", "cond_concat"
+_VIDEO_LATENTS = "video_latents"
+VIDEO_CHUNK_BYTES = 1 << 20  # the most clip bytes per `video` request
 _TENSOR_NAMES = {encoder_pb2.CONDITION_KIND_VISUAL_CONTEXT: _VISUAL_CONTEXT,
                  encoder_pb2.CONDITION_KIND_PROMPT_EMBEDS: _PROMPT_EMBEDS,
                  encoder_pb2.CONDITION_KIND_COND_CONCAT: _COND_CONCAT}
@@ -75,6 +77,20 @@ class ConditionSpec:
 
     def expected(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {name: (self.dtype, shape) for name, shape in self.shapes.items()}
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """The conditioning latents of a clip a session takes: float32 blocks of `block_shape` [1, z, frames per block,
+    h, w], at most `max_latents` latent frames in all."""
+    block_shape: tuple[int, ...]
+    max_latents: int
+
+    @classmethod
+    def of(cls, models) -> ClipSpec:
+        """The spec of a DecoderModels whose config continues videos."""
+        return cls((1, *models.latent_shape[:1], models.frames_per_block, *models.latent_shape[1:]),
+                   int(models.cfg.conditioning.max_latents))
 
 
 class EncoderClient:
@@ -117,6 +133,15 @@ class EncoderClient:
         request = encoder_pb2.PromptConditionRequest(session_id=session_id, mode=mode, prompt=prompt)
         return await self._open(encoder_pb2.EncodeRequest(prompt=request), 0, 0, spec)
 
+    async def open_video(self, session_id: str, mode: str, video: bytes, spec: ClipSpec) -> ClipFeed:
+        """Open the Encode stream of a clip to continue: the clip goes in `video` chunks, its conditioning latents
+        come back (`ClipFeed.latents`)."""
+        chunks = [encoder_pb2.EncodeRequest(video=encoder_pb2.VideoConditionChunk(
+            session_id=session_id, mode=mode, data=video[start:start + VIDEO_CHUNK_BYTES],
+            total_bytes=len(video) if start == 0 else 0, last=start + VIDEO_CHUNK_BYTES >= len(video)))
+            for start in range(0, len(video), VIDEO_CHUNK_BYTES)]
+        return await self._started(lambda: ClipFeed(self, self._stub.Encode(metadata=self._metadata), spec), *chunks)
+
     async def _open(self, request: encoder_pb2.EncodeRequest, blocks: int, credits: int,
                     spec: ConditionSpec) -> ConditionFeed:
         return await self._started(
@@ -153,10 +178,12 @@ class EncoderStream:
         self.name = name  # what the messages call it ("stream", "pair stream")
         self._reader: asyncio.Task | None = None
 
-    async def _ready(self, request: Any) -> Any:
-        """Send the opening request; the encoder's `ready` (the response's field)."""
+    async def _ready(self, *requests: Any) -> Any:
+        """Send the opening request (or requests, e.g. a clip's chunks); the encoder's `ready` (the response's
+        field)."""
         try:
-            await self.call.write(request)
+            for request in requests:
+                await self.call.write(request)
             first = await within(self.call.read(), self.client.request_timeout)
         except asyncio.TimeoutError:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder at {self.client.address} did not answer "
@@ -184,6 +211,20 @@ class EncoderStream:
     def _refusal(self, error: grpc.RpcError, what: str) -> ServiceError:
         """The status of the encoder's refusal to open the stream."""
         return status_from_rpc_error(error, what)
+
+    def _stream_failure(self, error: Exception) -> ServiceError:
+        """The status of any failure of a running stream: UNAVAILABLE (the encoder crashed, restarted, shut down
+        or timed out: a new session may succeed). Except a message over the wire format's limit, which only an
+        encoder that breaks the format sends (RESOURCE_EXHAUSTED would tell the client the server is full)."""
+        if isinstance(error, grpc.RpcError):
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} sent a message "
+                                                              f"over the wire format's {MAX_MESSAGE_BYTES} bytes "
+                                                              f"({error.details()}); are both services one version?")
+            cause = f"{error.code().name}: {error.details()}"
+        else:
+            cause = f"{type(error).__name__}: {error}"
+        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder stream failed ({cause}); retry later")
 
     def close(self) -> None:
         """End the stream (the encoder frees its state)."""
@@ -219,20 +260,6 @@ class ConditionFeed(EncoderStream):
         self._opened_at = time.perf_counter()
         self.prompt_tokens_dropped = (await self._ready(request)).prompt_tokens_dropped
         self._reader = asyncio.create_task(self._read())
-
-    def _stream_failure(self, error: Exception) -> ServiceError:
-        """The status of any failure of a running stream: UNAVAILABLE (the encoder crashed, restarted, shut down
-        or timed out: a new session may succeed). Except a message over the wire format's limit, which only an
-        encoder that breaks the format sends (RESOURCE_EXHAUSTED would tell the client the server is full)."""
-        if isinstance(error, grpc.RpcError):
-            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                return ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} sent a message "
-                                                              f"over the wire format's {MAX_MESSAGE_BYTES} bytes "
-                                                              f"({error.details()}); are both services one version?")
-            cause = f"{error.code().name}: {error.details()}"
-        else:
-            cause = f"{type(error).__name__}: {error}"
-        return ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder stream failed ({cause}); retry later")
 
     async def _read(self) -> None:
         assembler = TensorAssembler(expected=self.spec.expected())
@@ -349,3 +376,56 @@ class ConditionFeed(EncoderStream):
             async with self._changed:
                 self._failure = self._failure or self._stream_failure(e)
                 self._changed.notify_all()
+
+
+class ClipFeed(EncoderStream):
+    """The conditioning latents of a clip, read once they are all needed (before the session's first block): the
+    encoder's `ready` says how many latent frames come (whole blocks, within `ClipSpec.max_latents`), then one
+    tensor per block follows, in order."""
+
+    def __init__(self, client: EncoderClient, call: grpc.aio.StreamStreamCall, spec: ClipSpec):
+        super().__init__(client, call, "clip stream")
+        self.spec = spec
+        self.blocks = 0
+
+    async def start(self, *chunks: encoder_pb2.EncodeRequest) -> None:
+        frames, per_block = (await self._ready(*chunks)).video_latent_frames, self.spec.block_shape[2]
+        if not 0 < frames <= self.spec.max_latents or frames % per_block:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} announced {frames} "
+                                                         f"latent frames of clip; this deployment takes whole blocks of "
+                                                         f"{per_block}, at most {self.spec.max_latents}: do both "
+                                                         "services run one config?")
+        self.blocks = frames // per_block
+
+    async def latents(self) -> torch.Tensor:
+        """The clip's conditioning latents, float32 [1, z, T, h, w]."""
+        assembler = TensorAssembler(expected={_VIDEO_LATENTS: (torch.float32, self.spec.block_shape)})
+        blocks: list[torch.Tensor] = []
+        try:
+            while len(blocks) < self.blocks:
+                message = await within(self.call.read(), self.client.request_timeout)
+                if message is grpc.aio.EOF:
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder ended the clip stream after "
+                                                                    f"{len(blocks)} of {self.blocks} blocks; retry later")
+                if message.WhichOneof("response") != "tensor":
+                    raise WireFormatError(f"`{message.WhichOneof('response') or 'an empty response'}` after `ready`")
+                part = message.tensor
+                if part.kind != encoder_pb2.CONDITION_KIND_VIDEO_LATENTS or part.block_index != len(blocks):
+                    raise WireFormatError(f"a tensor of kind {part.kind}, block {part.block_index}, while the clip's "
+                                          f"block {len(blocks)} is due")
+                done = assembler.add(part.chunk)
+                if done is not None:
+                    if not torch.isfinite(done[1]).all():
+                        raise WireFormatError(f"clip block {len(blocks)} holds NaN or infinite values")
+                    blocks.append(done[1])
+        except asyncio.TimeoutError:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the encoder did not deliver the clip's latents within "
+                                                            f"{self.client.request_timeout:g} s") from None
+        except WireFormatError as e:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"the encoder at {self.client.address} broke the clip "
+                                                         f"stream's rules: {e}") from None
+        except ServiceError:
+            raise
+        except Exception as e:
+            raise self._stream_failure(e) from None
+        return torch.cat(blocks, dim=2)

@@ -4,7 +4,8 @@ Each `Encode` stream is one decoder session. Its model work (image decode, CLIP,
 the stream's own worker thread, never on the event loop; a stream computes its blocks in order, at most
 `prefetch` blocks beyond the credits the decoder granted, and sends a block only once it has the credit.
 With a text-to-video config the encoder runs the UMT5 text encoder instead: a stream sends its prompt's text
-context once and ends.
+context once and ends. Configs that continue videos (LongLive, `conditioning`) also take clips: a `video` stream
+sends the clip's conditioning latents, one block per tensor, and ends (`videos`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..serving.profiling import StreamProfiler
 from ..serving.streams import StreamSlots, opening_request, require_kind
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc
 from ..wire import pack_tensor
+from .videos import ClipEncoder, receive_clip
 
 log = logging.getLogger("worldstream.encoder")
 
@@ -57,6 +59,7 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         self.profiler = StreamProfiler(profile_dir, log)
         self.models: EncoderModels | None = None
         self.text_encoder: TextEncoder | None = None  # text-to-video configs: prompts instead of images
+        self.clips: ClipEncoder | None = None  # configs that continue videos: their clips
         self.text_to_video = dit_config(cfg).text_dim is not None
 
     async def load(self) -> None:
@@ -66,6 +69,8 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         if self.text_to_video:
             text_encoder = await loop.run_in_executor(None, build_text_encoder, self.cfg)
             await loop.run_in_executor(None, text_encoder, ["warm-up"])
+            if "conditioning" in self.cfg:
+                self.clips = await loop.run_in_executor(None, ClipEncoder, self.cfg)
             self.text_encoder = text_encoder
             log_event(log, "models loaded", mode=str(self.cfg.mode), device=str(text_encoder.device),
                       seconds=round(time.perf_counter() - started, 3))
@@ -84,9 +89,13 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
 
     async def _encode(self, requests, context: grpc.aio.ServicerContext) -> None:
         self.slots.check_open(loaded=self.models is not None or self.text_encoder is not None)
-        first = await opening_request(requests, self.idle_timeout, self.metrics, "an `image` or `prompt` request")
+        first = await opening_request(requests, self.idle_timeout, self.metrics,
+                                      "an `image`, `prompt` or `video` request")
         kind, expected = first.WhichOneof("request"), "prompt" if self.text_to_video else "image"
-        if kind in ("image", "prompt") and kind != expected:
+        if kind == "video" and self.clips is not None:
+            await self._encode_video(first.video, requests, context)
+            return
+        if kind in ("image", "prompt", "video") and kind != expected:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"this encoder serves {self.cfg.family} ({self.cfg.mode}), which takes `{expected}` "
                                f"requests, not `{kind}`: run encoder and decoder with the same config")
@@ -123,6 +132,37 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
                                             prompt_tokens_dropped=encoded.truncated[0])
             for message in [encoder_pb2.EncodeResponse(ready=ready), *messages]:
                 await write_with_timeout(context, message, self.metrics, self.idle_timeout)
+
+    async def _encode_video(self, first: encoder_pb2.VideoConditionChunk, requests,
+                            context: grpc.aio.ServicerContext) -> None:
+        """A clip's stream: its chunks, `ready` once it decoded (saying how many latent frames follow), then its
+        conditioning latents one block per tensor; then the call ends."""
+        if first.mode != str(self.cfg.mode):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"this encoder serves mode {self.cfg.mode!r}, "
+                                                                    f"not {first.mode!r}")
+        loop = asyncio.get_running_loop()
+        with self.slots.slot():
+            clip = await receive_clip(first, requests, self.idle_timeout, self.metrics)
+            started = time.perf_counter()
+            try:
+                pixels, latent_frames = await loop.run_in_executor(None, self.clips.decode, clip)
+            except ValueError as e:
+                raise ServiceError(_INVALID, f"clip rejected: {e}") from None
+            del clip
+            ready = encoder_pb2.EncodeReady(mode=first.mode, latent_frames_per_block=self.clips.frames_per_block,
+                                            transport=encoder_pb2.TENSOR_TRANSPORT_GRPC,
+                                            video_latent_frames=latent_frames)
+            await write_with_timeout(context, encoder_pb2.EncodeResponse(ready=ready), self.metrics,
+                                     self.idle_timeout)
+            blocks = await loop.run_in_executor(None, self.clips.encode, pixels)
+            del pixels
+            for b, block in enumerate(blocks):
+                for message in await loop.run_in_executor(None, _pack, encoder_pb2.CONDITION_KIND_VIDEO_LATENTS, b,
+                                                          "video_latents", block):
+                    await write_with_timeout(context, message, self.metrics, self.idle_timeout)
+            self.metrics.encoder_request_seconds.labels(request="video").observe(time.perf_counter() - started)
+            log_event(log, "clip encoded", session_id=first.session_id, latent_frames=latent_frames,
+                      seconds=round(time.perf_counter() - started, 4))
 
     def _check(self, request: encoder_pb2.ImageConditionRequest) -> None:
         models = self.models
