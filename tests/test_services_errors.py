@@ -147,6 +147,8 @@ def test_encoder_down_is_unavailable_then_recovers(tmp_path):
     with running_services(tmp_path, decoder_args=["--encoder-connect-timeout", "3", *SMALL_FRAMES],
                           encoder_args=SMALL_FRAMES) as services:
         survivor = SessionStream(services.address, start_request(IMAGE, "universal", max_blocks=2))
+        survivor.send(SPACE.from_names(["forward"]))
+        survivor.send(SPACE.from_names(["left"]))  # block 1 is taken, and its conditioning sent, once both are in
         wait_for(lambda: metric_value(services.encoder_metrics_port, "worldstream_encoder_blocks_served_total") == 2,
                  60, "the encoder to send both blocks of the survivor")
         services.encoder.signal(signal.SIGKILL)
@@ -155,8 +157,6 @@ def test_encoder_down_is_unavailable_then_recovers(tmp_path):
         error = call_status(services.address, [start(), action(keys=["forward"])])
         assert error.code() == Code.UNAVAILABLE and "encoder" in error.details()
 
-        survivor.send(SPACE.from_names(["forward"]))
-        survivor.send(SPACE.from_names(["left"]))
         assert len(list(survivor)) == 2 and survivor.end.reason == session_pb2.END_REASON_MAX_BLOCKS
         survivor.close()
 
