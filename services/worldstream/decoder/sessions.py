@@ -2,9 +2,10 @@
 bookkeeping that frees a session's state however it ends.
 
 Per session three coroutines run on the event loop: a reader (client messages -> `ActionInbox`), a producer (the
-block loop: action, condition, `run_block` on the session's own worker thread) and the deliverer (frame
-encoding on a shared thread pool, then writing to the client). The producer runs block b+1 while block b is being
-encoded and sent; a bounded queue between them keeps at most `OUTBOX_BLOCKS` finished blocks in memory.
+block loop: action, condition, `launch_block` on the session's own worker thread) and the deliverer (frame
+encoding on a shared thread pool, then writing to the client). The producer queues block b+1 on the device before
+it waits for block b's frames when b+1's inputs are there, and runs it while block b is being encoded and sent; a
+bounded queue between them keeps at most `OUTBOX_BLOCKS` finished blocks in memory.
 
 Prompt switches (LongLive): each `switch_prompt` opens its own Encode call at once; the block it is due at (the
 block of the next action, LOCKSTEP; the first block to start once it is encoded, REALTIME) switches to it, waiting
@@ -29,7 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from worldstream.api.spaces import BlockAction
 from ..encoder.client import ClipSpec, ConditionFeed, ConditionSpec, EncoderClient
-from ..engine.generator import BlockOutput, DecoderModels, GenerationSession
+from ..engine.generator import BlockOutput, DecoderModels, GenerationSession, PendingBlock
 from ..media import encode_jpeg
 from ..serving.aio import WorkerLane, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
@@ -111,6 +112,10 @@ class ActionInbox:
             self._interrupted = True
             self._changed.notify_all()
 
+    def ready(self) -> bool:
+        """Whether `take` would return at once."""
+        return not self.lockstep or bool(self._queue) or self._stopped or self._interrupted
+
     async def take(self, idle_timeout: float) -> TakenAction | str:
         if not self.lockstep:
             if self._interrupted:
@@ -130,6 +135,16 @@ class ActionInbox:
 
 
 # ---- sessions -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Queued:
+    """A block on the device whose frames the block loop has not waited for yet."""
+    pending: PendingBlock
+    taken: TakenAction
+    stages: dict[str, float]  # the waits before it started
+    start_time: Timestamp
+    switched: session_pb2.PromptSwitched | None
+
 
 @dataclass
 class _Finished:
@@ -283,11 +298,11 @@ class Session:
         self.profiler = self.manager.profiler.start(f"session-{self.id}")
         return self.models.open_session(context, seed=self.options.seed, max_blocks=self.options.max_blocks)
 
-    def _run_block(self, cond: torch.Tensor | None, action: BlockAction | None,
-                   prompt: torch.Tensor | None) -> BlockOutput:
+    def _launch_block(self, cond: torch.Tensor | None, action: BlockAction | None,
+                      prompt: torch.Tensor | None) -> PendingBlock:
         if prompt is not None:
             self.generation.switch_prompt(prompt)
-        return self.generation.run_block(cond, action)  # host tensor: the engine copies it asynchronously
+        return self.generation.launch_block(cond, action)  # host tensor: the engine copies it asynchronously
 
     async def _prompt_context(self, prompt: str) -> PromptContext:
         """A prompt's text context, from its own Encode call (the start's, each switch's)."""
@@ -375,30 +390,55 @@ class Session:
             raise ServiceError(_INVALID, str(e)) from None
 
     async def _produce(self) -> None:
-        """The block loop."""
+        """The block loop. Block b is queued on the device before block b-1's frames are waited for when b's
+        inputs (action, condition, switched prompt) are already here: b's DiT steps then overlap b-1's VAE
+        decode. An input still to come is waited for only once b-1 is delivered, so a client that sends each
+        action when it has the frames before gets them."""
+        queued: _Queued | None = None
         for b in range(self.options.max_blocks):
+            if queued is not None and not self.inbox.ready():
+                await self._finish(queued)
+                queued = None
             waited = time.perf_counter()
             taken = await self.inbox.take(self.manager.idle_timeout)
             if isinstance(taken, str):
+                if queued is not None:
+                    await self._finish(queued)
                 await self.outbox.put(self._end(taken))
                 return
             got_action = time.perf_counter()
-            cond = await self.feed.block(b) if self.feed is not None and self.feed.spec.per_block else None
+            per_block = self.feed is not None and self.feed.spec.per_block
             switch = taken.switch if self.inbox.lockstep else self._due_switch()
+            if queued is not None and ((per_block and not self.feed.has_block(b)) or
+                                       (switch is not None and not switch.done())):
+                await self._finish(queued)
+                queued = None
+            conditions = time.perf_counter()
+            cond = await self.feed.block(b) if per_block else None
             prompt = await switch if switch is not None else None  # its Encode call may still be running
             self.blocks_started = b + 1
             start_time, started = _now(), time.perf_counter()
-            output = await self.lane.run(self._run_block, cond, taken.action,
-                                         None if prompt is None else prompt.context)
-            stages = {"action_wait": got_action - waited, "condition_wait": started - got_action, **output.timings}
+            pending = await self.lane.run(self._launch_block, cond, taken.action,
+                                          None if prompt is None else prompt.context)
             switched = None
             if prompt is not None:
                 self.switch_count += 1
                 self.metrics.prompt_switches.inc()
                 switched = session_pb2.PromptSwitched(block_index=b, switch_count=self.switch_count,
                                                       prompt_tokens_dropped=prompt.tokens_dropped)
-            await self.outbox.put(_Finished(output, taken, stages, start_time, _now(), switched))
+            if queued is not None:
+                await self._finish(queued)
+            waits = {"action_wait": got_action - waited, "condition_wait": started - conditions}
+            queued = _Queued(pending, taken, waits, start_time, switched)
+        if queued is not None:
+            await self._finish(queued)
         await self.outbox.put(self._end(None))
+
+    async def _finish(self, queued: _Queued) -> None:
+        """Wait for a queued block's frames (on the session's worker) and hand the block to the deliverer."""
+        output = await self.lane.run(queued.pending.result)
+        await self.outbox.put(_Finished(output, queued.taken, {**queued.stages, **output.timings},
+                                        queued.start_time, _now(), queued.switched))
 
     def _due_switch(self) -> asyncio.Task | None:
         """REALTIME: the latest switch whose prompt is encoded (earlier ones it replaces are dropped)."""
