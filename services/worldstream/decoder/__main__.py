@@ -27,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=60.0,
                         help="seconds a session waits for the client's next message (LOCKSTEP) or reads "
                              "before it is ended")
-    parser.add_argument("--frame-workers", type=int, default=4,
-                        help="threads encoding frames (JPEG) for all sessions; a block's frames encode in parallel")
+    parser.add_argument("--frame-workers", type=int, default=2, help="threads encoding frames (JPEG) for all sessions")
     parser.add_argument("--warmup-blocks", type=int, default=None,
                         help="blocks of a throw-away session run before reporting SERVING (default: every shape "
                              "the compiled block loop takes; 0 = none)")

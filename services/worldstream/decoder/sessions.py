@@ -161,7 +161,7 @@ class SessionManager:
     """All sessions of one decoder process."""
 
     def __init__(self, encoder: EncoderClient, metrics: ServiceMetrics, *, max_sessions: int, idle_timeout: float,
-                 frame_workers: int = 4, profile_dir: Path | None = None):
+                 frame_workers: int = 2, profile_dir: Path | None = None):
         self.models: DecoderModels | None = None
         self.encoder = encoder
         self.metrics = metrics
@@ -477,7 +477,7 @@ class Session:
             if item.switched is not None:
                 await self._send(session_pb2.SessionResponse(prompt_switched=item.switched))
             encode_started = time.perf_counter()
-            frames = await self._encode_frames(item.output.frames)
+            frames = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames, item.output.frames)
             item.stage_seconds["frame_encode"] = time.perf_counter() - encode_started
             block = session_pb2.BlockChunk(
                 block_index=item.output.index, frame_count=len(frames), frames=frames, action=item.taken.message,
@@ -493,23 +493,17 @@ class Session:
 
     async def _send_video_frames(self, frames: torch.Tensor) -> None:
         """A continued clip's reconstruction, in messages of a block's frames at most."""
-        total, per_message = frames.shape[0], self.models.layout.block_frames
+        loop, total, per_message = asyncio.get_running_loop(), frames.shape[0], self.models.layout.block_frames
         for first in range(0, total, per_message):
-            encoded = await self._encode_frames(frames[first:first + per_message])
+            encoded = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames,
+                                                 frames[first:first + per_message])
             await self._send(session_pb2.SessionResponse(video_frames=session_pb2.VideoFrames(
                 first_frame=first, frames=encoded, total_frames=total)))
 
-    async def _encode_frames(self, frames: torch.Tensor) -> list[bytes]:
-        """The frames in the session's encoding, one task per frame on the shared frame pool: Pillow's JPEG
-        encoder releases the GIL, so a block's frames encode in parallel (the first frame's latency)."""
-        loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(self.manager.frame_pool, self._encode_frame, frame)
-                                           for frame in frames)))
-
-    def _encode_frame(self, frame: torch.Tensor) -> bytes:
+    def _encode_frames(self, frames: torch.Tensor) -> list[bytes]:
         if self.options.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:
-            return frame.numpy().tobytes()
-        return encode_jpeg(frame, self.options.jpeg_quality)
+            return [frame.numpy().tobytes() for frame in frames]
+        return [encode_jpeg(frame, self.options.jpeg_quality) for frame in frames]
 
     async def release(self) -> None:
         """Free everything the session holds, however it ended (after the block in flight finishes)."""
