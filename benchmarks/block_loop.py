@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--with-encoder", action="store_true",
                         help="count the encoder's per-block work (the next cond_concat) in the block time")
     parser.add_argument("--one-by-one", action="store_true",
-                        help="wait for each block's frames before queuing the next (no overlap of a block's VAE "
-                             "decode with the next block's DiT steps; always so on a CPU, where nothing overlaps)")
+                        help="wait for each block's frames before queuing the next (the device may idle between "
+                             "blocks; always so on a CPU, where nothing overlaps)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", metavar="FILE", help="write every block's stage times to FILE")
     parser.add_argument("--profile", metavar="FILE", help="write the kernel table of one more block to FILE")

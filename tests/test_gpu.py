@@ -55,8 +55,7 @@ def test_block_loop_runs_without_host_sync(models):
 
 
 def test_queued_blocks_equal_blocks_run_one_by_one(models):
-    """Blocks queued ahead (the next block's DiT steps beside this block's VAE decode on the output stream) give
-    the frames of blocks run one at a time."""
+    """Blocks queued ahead of waiting for their frames give the frames of blocks run one at a time."""
     decoder, visual_context, conds = models
     action = decoder.action_space.from_names(["forward"], [0.1, 0.0])
     one_by_one = decoder.open_session(visual_context, seed=5, max_blocks=BLOCKS)

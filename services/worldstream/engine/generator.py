@@ -39,47 +39,37 @@ class BlockOutput:
 
 
 class StageClock:
-    """Stage durations without host syncs: CUDA events on a GPU (read once the block is on the host).
-
-    A stage lasts from the mark before it, or from the mark named `since` (a stage on another stream that forked
-    there: the VAE decode runs beside the cache update)."""
+    """Stage durations without host syncs: CUDA events on a GPU (read once the block is on the host)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object, str | None]] = []
+        self.marks: list[tuple[str, object]] = []
 
-    def mark(self, name: str, since: str | None = None) -> None:
+    def mark(self, name: str) -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()  # on the current stream
-            self.marks.append((name, event, since))
+            event.record()
+            self.marks.append((name, event))
         else:
-            self.marks.append((name, time.perf_counter(), since))
-
-    def point(self, name: str) -> object:
-        """The event (GPU) or time (CPU) of mark `name`."""
-        return next(point for mark, point, _ in self.marks if mark == name)
+            self.marks.append((name, time.perf_counter()))
 
     def wait(self) -> None:
-        """Wait until every mark is reached on the device. Sessions share the device's streams, so this waits for
-        this block's work (and whatever was queued before it), never for work queued after it."""
-        if self.cuda:
-            for _, event, _ in self.marks:
-                event.synchronize()
+        """Wait until the last mark is reached on the device. Sessions share the device's stream, so this
+        waits for this block's work (and whatever was queued before it), never for work queued after it."""
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
 
     def durations(self) -> dict[str, float]:
-        """Seconds per stage, named by the mark that ends it (call after `wait`)."""
+        """Seconds between consecutive marks, named by the later one (call after `wait`)."""
         out = {}
-        for (_, previous, _), (name, end, since) in zip(self.marks, self.marks[1:]):
-            start = self.point(since) if since else previous
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
             out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
         return out
 
 
 @dataclass
 class PendingBlock:
-    """A block whose device work is queued: `result()` waits for its frames (the block's one host sync). A
-    caller may queue the next block first, so that its DiT steps overlap this block's VAE decode."""
+    """A block whose device work is queued: `result()` waits for its frames (the block's one host sync)."""
     index: int
     latents: torch.Tensor  # [1, 16, n, h, w] on the model's device
     frames: torch.Tensor  # uint8 [T, H, W, 3] on the host, complete once the clock's marks are reached
@@ -270,8 +260,6 @@ class GenerationSession:
                                       noise or GaussianNoise(seed, device), models.frames_per_block,
                                       models.dit_graphs.take() if models.dit_graphs else None)
         self.vae = VAEDecodeStream(models.vae)
-        # The VAE decode and the copy to the host run here, beside the DiT (see `launch_block`).
-        self.output_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.closed = False
         self.next_context: torch.Tensor | None = None  # a switched prompt the next block starts with
 
@@ -326,16 +314,15 @@ class GenerationSession:
                              f"{frames} latent frames; a session of this config reaches {reach}")
         self.denoiser.condition(self._to_device(latents))
         self.denoiser.set_context(context)
-        latents = latents.to(models.device, models.vae.conv2.weight.dtype)
-        with self._output_stream(after=None, reads=latents):  # where the decoder's caches live
-            return video_to_uint8(self.vae.decode(latents)).cpu()
+        video = self.vae.decode(latents.to(models.device, models.vae.conv2.weight.dtype))
+        return video_to_uint8(video).cpu()
 
     def launch_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None
                      ) -> PendingBlock:
         """Queue the device work of the next block, free of host syncs; `result()` of the answer waits for its
-        frames. On a GPU the VAE decode and the copy to the host run on the session's output stream, forked
-        after the denoising steps: they overlap the cache update, and the next block's steps when the caller
-        queues that block before waiting for this one.
+        frames. A caller may queue the next block before it waits, so that the device never idles between
+        blocks. (Running the VAE decode on a second stream beside the next block's DiT steps was measured on an
+        H200: both are GPU-bound, and the services lost 5 FPS.)
 
         `cond_concat` and `action`: the block's conditioning where the model takes them (Matrix-Game-2), None
         where it does not (text-to-video)."""
@@ -361,27 +348,14 @@ class GenerationSession:
                 if switched:  # (before anything is cached, a switch only sets the context)
                     clock.mark("recache")
             latents = self.denoiser.denoise(b, cond_concat, keyboard, mouse, clock=clock)
-            with self._output_stream(after=clock.point("denoise") if clock.cuda else None, reads=latents):
-                with record_function("vae_decode"):
-                    video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
-                clock.mark("vae_decode", since="denoise")
-                with record_function("to_host"):
-                    frames = video_to_uint8(video).to("cpu", non_blocking=True)
-                clock.mark("to_host")
+            with record_function("vae_decode"):
+                video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
+            clock.mark("vae_decode")
+            with record_function("to_host"):
+                frames = video_to_uint8(video).to("cpu", non_blocking=True)
+            clock.mark("to_host")
         self.block_index += 1
         return PendingBlock(b, latents, frames, clock, switched)
-
-    def _output_stream(self, after: torch.cuda.Event | None, reads: torch.Tensor) -> contextlib.AbstractContextManager:
-        """Run the enclosed work on the session's output stream once `after` is reached (None: all work queued so
-        far on the current stream) (GPU; on a CPU in place). `reads`, made on the current stream, is kept from reuse until the output stream is done."""
-        if self.output_stream is None:
-            return contextlib.nullcontext()
-        if after is None:
-            self.output_stream.wait_stream(torch.cuda.current_stream())
-        else:
-            self.output_stream.wait_event(after)
-        reads.record_stream(self.output_stream)
-        return torch.cuda.stream(self.output_stream)
 
     def _to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """Move host inputs to the model's device through pinned memory: an asynchronous copy (a copy from
