@@ -1,7 +1,8 @@
 """LongLive sessions end to end: client -> decoder service -> encoder service, as real processes on loopback, on the
 tiny interactive config: prompt switches (frames equal to the batch front-end's with the same switch script, the
 PromptSwitched responses, the "recache" stage), video-conditional sessions (the clip's reconstruction and the blocks
-equal to the batch front-end's), their errors, and the client CLI's --prompt/--switch-at and --video."""
+equal to the batch front-end's, with and without a switch), their errors, the encoder's own bounds on a clip, and the
+client CLI's --prompt/--switch-at and --video."""
 from __future__ import annotations
 
 import subprocess
@@ -20,8 +21,9 @@ from worldstream.client.video import VideoWriter
 from worldstream.engine.clips import conditioning_pixel_frames, decode_clip
 from worldstream.engine.config import load_config
 from worldstream.encoder.client import VIDEO_CHUNK_BYTES
+from worldstream.encoder.videos import MAX_CLIP_BYTES
 from worldstream.engine.generator import BlockOutput, DecoderModels
-from worldstream.v1 import session_pb2, session_pb2_grpc
+from worldstream.v1 import encoder_pb2, encoder_pb2_grpc, session_pb2, session_pb2_grpc
 
 CONFIG = "longlive/interactive_tiny"
 PROMPTS = ["a red fox runs through fresh snow", "the fox dives into a frozen river", "night falls over the forest"]
@@ -55,6 +57,13 @@ def batch_blocks(prompts: list[str], switch_blocks: list[int], blocks: int, seed
         return None if lead is None else lead.numpy(), outputs
     finally:
         session.close()
+
+
+def clip_pixels(path):
+    """A clip's pixels as the batch CLI decodes them for this config (`batch --video`)."""
+    cfg = load_config(CONFIG)
+    return decode_clip(path, int(cfg.video.fps), int(cfg.video.height), int(cfg.video.width),
+                       conditioning_pixel_frames(int(cfg.conditioning.max_latents)))
 
 
 def write_clip(path, frames: int, fps: int = 24, height: int = 80, width: int = 120, noise: int = 0):
@@ -171,15 +180,27 @@ def test_video_session_equals_batch(services, tmp_path):
     assert VIDEO_CHUNK_BYTES < clip.stat().st_size < 2 * VIDEO_CHUNK_BYTES
     result = run_session(services.address, None, [EMPTY] * 2, video=clip, video_prompt=PROMPTS[0], prompt=PROMPTS[1],
                          seed=SEED, frame_encoding="raw")
-    cfg = load_config(CONFIG)
-    pixels = decode_clip(clip, int(cfg.video.fps), int(cfg.video.height), int(cfg.video.width),
-                         conditioning_pixel_frames(int(cfg.conditioning.max_latents)))
-    lead, reference = batch_blocks(PROMPTS[:2], [], 2, SEED, clip=pixels)
+    lead, reference = batch_blocks(PROMPTS[:2], [], 2, SEED, clip=clip_pixels(clip))
     assert lead.shape == (21, 64, 112, 3) and np.array_equal(result.video_frames, lead)
     assert [b.frames.shape[0] for b in result.blocks] == [12, 12]  # the decoder is warm: whole blocks from block 0
     for block, expected in zip(result.blocks, reference, strict=True):
         assert np.array_equal(block.frames, expected.frames.numpy()), f"block {block.index} differs from batch"
     assert not result.switches and result.end.reason == session_pb2.END_REASON_MAX_BLOCKS
+
+
+def test_video_session_with_a_switch_equals_batch(services, tmp_path):
+    """The clip cached under video_prompt, blocks 0-1 under prompt, block 2 on under the switch's prompt (which
+    re-caches the clip's frames and blocks 0-1 the window holds): as the batch front-end with the same clip and
+    --switch-at."""
+    clip = write_clip(tmp_path / "clip.mp4", frames=14)  # 3 latents (1 block), 9 frames
+    result = run_session(services.address, None, [EMPTY] * 3, video=clip, video_prompt=PROMPTS[0], prompt=PROMPTS[1],
+                         switches=[(2, PROMPTS[2])], seed=SEED, frame_encoding="raw")
+    lead, reference = batch_blocks(PROMPTS, [2], 3, SEED, clip=clip_pixels(clip))
+    assert lead.shape[0] == 9 and np.array_equal(result.video_frames, lead)
+    assert [(s.block_index, s.switch_count) for s in result.switches] == [(2, 1)]
+    for block, expected in zip(result.blocks, reference, strict=True):
+        assert np.array_equal(block.frames, expected.frames.numpy()), f"block {block.index} differs from batch"
+        assert ("recache" in block.stage_seconds) == (block.index == 2), block.stage_seconds
 
 
 @pytest.mark.parametrize("video, fields, message", [
@@ -194,6 +215,25 @@ def test_video_errors_and_the_service_goes_on(services, tmp_path, video, fields,
     error = call_status(services.address, [start(video=clips[video].read_bytes() if video in clips else video,
                                                  **fields)])
     assert error.code() == Code.INVALID_ARGUMENT and message in error.details(), error.details()
+    assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
+
+
+@pytest.mark.parametrize("chunk, message", [
+    ({"total_bytes": MAX_CLIP_BYTES + 1, "data": b"\0" * 16}, f"announces total_bytes={MAX_CLIP_BYTES + 1}; a clip "
+                                                               f"has 1 to {MAX_CLIP_BYTES} bytes"),
+    ({"total_bytes": 1 << 62, "data": b"\0" * 16}, f"announces total_bytes={1 << 62}"),  # never allocated
+    ({"total_bytes": 0, "data": b"", "last": True}, "announces total_bytes=0"),
+    ({"total_bytes": 3 << 20, "data": b"\0" * (VIDEO_CHUNK_BYTES + 1)}, "a clip chunk of 1048577 bytes after 0 of"),
+], ids=["over-32-MiB", "2**62", "empty", "chunk-over-1-MiB"])
+def test_encoder_refuses_a_clip_by_its_announced_size(services, chunk, message):
+    """The encoder's own bounds on a clip's `video` chunks (a decoder never sends these), checked from the first
+    chunk before the clip's buffer is allocated; the services go on."""
+    request = encoder_pb2.EncodeRequest(video=encoder_pb2.VideoConditionChunk(session_id="bounds", mode="t2v",
+                                                                              **chunk))
+    with grpc.insecure_channel(services.encoder_address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(encoder_pb2_grpc.ConditionEncoderServiceStub(channel).Encode(iter([request]), timeout=30))
+    assert caught.value.code() == Code.INVALID_ARGUMENT and message in caught.value.details(), caught.value.details()
     assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
 
 

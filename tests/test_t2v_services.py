@@ -55,6 +55,7 @@ def test_t2v_session_equals_batch(services):
     assert (info.family, info.mode, info.first_block_frames, info.block_frames, info.max_blocks) == (
         "self_forcing", "t2v", 9, 12, 3)
     assert not info.HasField("action_space") and info.prompt_tokens_dropped == 0
+    assert not info.prompt_switching and not info.video_conditioning
     assert result.end.reason == session_pb2.END_REASON_MAX_BLOCKS
     assert [b.frames.shape[0] for b in result.blocks] == [9, 12, 12]
     assert all(block.action is None for block in result.blocks)
@@ -74,11 +75,23 @@ def test_over_long_prompt_is_truncated_and_says_so(services):
     ({"prompt": "", "image": png_bytes()}, "with `prompt`, not `image`"),
     ({"prompt": PROMPT, "max_blocks": 8}, "limit of 7 blocks"),
     ({"prompt": PROMPT, "actions": [session_pb2.Action(keys=["forward"])]}, "send an empty `action`"),
+    ({"prompt": PROMPT, "video": b"\0" * 64, "video_prompt": PROMPT}, "which does not continue videos: drop `video`"),
+    ({"prompt": PROMPT, "video_prompt": PROMPT}, "start.video_prompt is set without `video`"),
 ])
 def test_t2v_errors(services, kwargs, expected):
     error = failure(services.address, seed=SEED, **kwargs)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert expected in error.details()
+
+
+def test_switch_prompt_is_refused_and_the_service_goes_on(services):
+    """Self-Forcing cannot switch prompts (LongLive can): a `switch_prompt` ends the session with INVALID_ARGUMENT
+    saying so; the next session is served."""
+    error = failure(services.address, prompt=PROMPT, seed=SEED, actions=[EMPTY] * 2,
+                    switches=[(1, "the fox dives into a frozen river")])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "which cannot switch prompts (SessionInfo.prompt_switching is false)" in error.details()
+    assert len(run_session(services.address, None, [EMPTY], prompt=PROMPT, seed=SEED).blocks) == 1
 
 
 def test_a_huge_prompt_is_refused_before_tokenizing_and_the_service_goes_on(services):
