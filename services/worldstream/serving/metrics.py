@@ -32,16 +32,18 @@ class ServiceMetrics:
         self.block_stage_seconds = Histogram("block_stage_seconds", "Duration of each stage of a block",
                                              ["stage"], buckets=_LATENCY_BUCKETS, **common)
         self.prompt_switches = Counter(
-            "prompt_switches", "Prompt switches that took effect (each re-caches the attention window: the "
-            "\"recache\" stage of block_stage_seconds)", **common)
+            "prompt_switches", "Prompt switches that took effect (LongLive sessions, decoder only); one made "
+            "once frames are cached (after block 0, or with a continued clip) re-caches the attention window: the "
+            "\"recache\" stage of block_stage_seconds", **common)
         self.time_to_first_frame_seconds = Histogram(
             "time_to_first_frame_seconds", "From the start request to the first block handed to the transport",
             buckets=_LATENCY_BUCKETS, **common)
         self.bytes_sent = Counter("bytes_sent", "Serialized bytes of response messages", **common)
         self.bytes_received = Counter("bytes_received", "Serialized bytes of request messages", **common)
         self.encoder_request_seconds = Histogram(
-            "encoder_request_seconds", "Latency of condition-encoder requests (open = image to CLIP tokens, "
-            "block = one cond_concat)", ["request"], buckets=_LATENCY_BUCKETS, **common)
+            "encoder_request_seconds", "Latency of condition-encoder requests (open = an image to its CLIP tokens "
+            "or a prompt to its text context, block = one cond_concat, video = a clip decoded, VAE-encoded and sent "
+            "as its conditioning latents: encoder only)", ["request"], buckets=_LATENCY_BUCKETS, **common)
         self.errors = Counter("errors", "Calls that ended with a non-OK gRPC status", ["code"], **common)
         for code in _REPORTED_CODES:  # export zeros, so that rates and alerts work before the first error
             self.errors.labels(code=code.name)
