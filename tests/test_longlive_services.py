@@ -152,6 +152,8 @@ def test_realtime_switch_takes_effect_at_a_later_block(services):
     ([start(), switch(" \n ")], Code.INVALID_ARGUMENT, "switch_prompt.prompt: "),
     ([start(), switch("fox " * 30_000)], Code.INVALID_ARGUMENT,
      "a `switch_prompt` of 120008 bytes; its prompt may have at most 65536"),
+    ([start(max_blocks=8), action(), *[switch(), action()] * 5], Code.RESOURCE_EXHAUSTED,
+     "4 prompt switches are already waiting for their blocks"),
 ])
 def test_switch_errors_and_the_service_goes_on(services, requests, code, message):
     error = call_status(services.address, requests)

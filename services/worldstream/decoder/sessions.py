@@ -46,6 +46,8 @@ from .requests import ClientMessages, StartOptions, parse_start
 log = logging.getLogger("worldstream.decoder")
 
 OUTBOX_BLOCKS = 2  # finished blocks waiting for encoding/sending before the block loop pauses
+# Prompt switches sent and not yet applied: each holds an Encode call, then a text context (4 MiB at full size).
+MAX_PENDING_SWITCHES = 4
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
 
@@ -215,8 +217,9 @@ class Session:
         self.lane = WorkerLane(f"session-{self.id[:8]}")
         self.spec = ConditionSpec.of(self.models)
         self.feed: ConditionFeed | None = None  # image sessions: the image's stream (prompts: `_prompt_context`)
-        self.switches: list[asyncio.Task[PromptContext]] = []  # REALTIME: switches not yet due, oldest first
+        self.switch: asyncio.Task[PromptContext] | None = None  # REALTIME: the switch not yet applied
         self.encoding: set[asyncio.Task[PromptContext]] = set()  # every switch's Encode call still running
+        self.pending: set[asyncio.Task[PromptContext]] = set()  # switches neither applied nor replaced
         self.switch_count = 0  # switches that took effect
         self.blocks_started = 0
         self.generation: GenerationSession | None = None
@@ -326,20 +329,27 @@ class Session:
         if no_block_left:
             raise ServiceError(_INVALID, f"switch_prompt after the session's end ({after}): no block is left to take "
                                          "the new prompt; send the switch before the action of the block it is for")
+        if len(self.pending) >= MAX_PENDING_SWITCHES:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{MAX_PENDING_SWITCHES} prompt switches are already waiting for their blocks; send "
+                               "the next one once a PromptSwitched came back")
         task = asyncio.ensure_future(self._prompt_context(message.prompt))
         self.encoding.add(task)
+        self.pending.add(task)
         task.add_done_callback(self._encoded)
         return task
 
     def _encoded(self, task: asyncio.Task) -> None:
         self.encoding.discard(task)
-        if not task.cancelled():
+        if task.cancelled():
+            self.pending.discard(task)  # replaced
+        else:
             task.exception()  # marks it retrieved: a replaced switch's failure is nobody's
 
     # -- the three coroutines --
 
     async def _read(self, messages: ClientMessages) -> None:
-        """Client messages -> inbox (switches: LOCKSTEP with the next action, REALTIME to `switches`). Ends when
+        """Client messages -> inbox (switches: LOCKSTEP with the next action, REALTIME to `switch`). Ends when
         the client half-closes or sends `stop`."""
         lockstep, max_blocks = self.inbox.lockstep, self.options.max_blocks
         switch: asyncio.Task | None = None  # LOCKSTEP: the switch for the next action's block
@@ -363,8 +373,10 @@ class Session:
                     if switch is not None:  # a later switch before the same block replaces the earlier one
                         switch.cancel()
                     switch = task
-                else:
-                    self.switches.append(task)
+                else:  # a later switch replaces one not applied yet
+                    if self.switch is not None:
+                        self.switch.cancel()
+                    self.switch = task
                 continue
             if lockstep and actions >= max_blocks:
                 raise ServiceError(_OUT_OF_RANGE, f"action #{actions + 1} is past the end: the session has "
@@ -409,13 +421,13 @@ class Session:
             got_action = time.perf_counter()
             per_block = self.feed is not None and self.feed.spec.per_block
             switch = taken.switch if self.inbox.lockstep else self._due_switch()
-            if queued is not None and ((per_block and not self.feed.has_block(b)) or
-                                       (switch is not None and not switch.done())):
-                await self._finish(queued)
+            if queued is not None and ((per_block and not self.feed.has_block(b)) or switch is not None):
+                await self._finish(queued)  # (before a switch's wait or failure: a switch block starts alone)
                 queued = None
             conditions = time.perf_counter()
             cond = await self.feed.block(b) if per_block else None
             prompt = await switch if switch is not None else None  # its Encode call may still be running
+            self.pending.discard(switch)
             self.blocks_started = b + 1
             start_time, started = _now(), time.perf_counter()
             pending = await self.lane.run(self._launch_block, cond, taken.action,
@@ -441,14 +453,11 @@ class Session:
                                         queued.start_time, _now(), queued.switched))
 
     def _due_switch(self) -> asyncio.Task | None:
-        """REALTIME: the latest switch whose prompt is encoded (earlier ones it replaces are dropped)."""
-        done = [i for i, task in enumerate(self.switches) if task.done()]
-        if not done:
+        """REALTIME: the switch not yet applied, once its prompt is encoded."""
+        due = self.switch
+        if due is None or not due.done():
             return None
-        due = self.switches[done[-1]]
-        for replaced in self.switches[:done[-1]]:
-            replaced.cancel()
-        del self.switches[:done[-1] + 1]
+        self.switch = None
         return due
 
     def _end(self, signal: str | None) -> session_pb2.SessionEnd:
