@@ -403,9 +403,9 @@ class Session:
 
     async def _produce(self) -> None:
         """The block loop. Block b is queued on the device before block b-1's frames are waited for when b's
-        inputs (action, condition, switched prompt) are already here: b's DiT steps then overlap b-1's VAE
-        decode. An input still to come is waited for only once b-1 is delivered, so a client that sends each
-        action when it has the frames before gets them."""
+        inputs (action, condition) are already here, so that the device does not idle between blocks. An input
+        still to come is waited for only once b-1 is delivered, so a client that sends each action when it has
+        the frames before gets them."""
         queued: _Queued | None = None
         for b in range(self.options.max_blocks):
             if queued is not None and not self.inbox.ready():
