@@ -1,6 +1,7 @@
 """The play page in a real headless Chromium (Playwright, driving the Debian `chromium` binary; nothing is
 downloaded), against the gateway and both services as real processes on the tiny configs: an image deployment
-(Matrix-Game-2) and text-to-video ones (Self-Forcing; LongLive, which switches prompts). Plus the gateway's limits
+(Matrix-Game-2) and text-to-video ones (Self-Forcing; LongLive, which switches prompts and continues clips). Plus
+the gateway's limits
 and error relay over a plain WebSocket client, and its request building in-process.
 
 WORLDSTREAM_CHROMIUM names the browser binary (default: `chromium` or `chromium-browser` on PATH);
@@ -247,6 +248,48 @@ def test_switch_prompts_while_the_video_plays(browser, longlive_stack):
     wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
 
 
+def write_clip(path: Path) -> Path:
+    """A 14-frame moving-stripes mp4 at 24 fps (9 frames at the model's 16: one block of latents), as
+    tests/test_longlive_services.py makes them."""
+    import numpy as np
+
+    from worldstream.client.video import VideoWriter
+
+    t, y, x = np.meshgrid(np.arange(14), np.arange(80), np.arange(120), indexing="ij")
+    with VideoWriter(path, fps=24) as writer:
+        writer.write(np.repeat(((2 * x + 9 * t + y) % 256)[..., None], 3, axis=-1).astype(np.uint8))
+    return path
+
+
+def test_continue_a_clip_in_the_browser(browser, longlive_stack, tmp_path):
+    """LongLive: the page uploads a clip with the prompt of what it shows and the prompt of what follows; the clip's
+    reconstruction plays first, then the generated blocks, and the recording holds both."""
+    services, gateway = longlive_stack
+    page = open_page(browser, gateway)
+    page.fill("#prompt", "the stripes turn into a storm over the sea")
+    page.set_input_files("#clip", str(write_clip(tmp_path / "clip.mp4")))
+    page.fill("#clip-prompt", "diagonal stripes moving to the right")
+    page.click("#start")
+    page.wait_for_function("window.worldstream.stats.phases.join() === 'clip,block'", timeout=120_000)
+    clip = page.evaluate("window.worldstream.stats.clip")
+    assert clip["total"] == 9 and 1 <= clip["painted"] <= 9, clip
+    assert page.text_content("#clip-frames") == f"{clip['painted']} of 9" and page.is_hidden("#error")
+    assert page.text_content("#status").startswith("Playing the continuation of the clip")
+    page.click("#stop")
+    page.wait_for_selector("#download:not([hidden])", timeout=60_000)
+    blocks = page.evaluate("window.worldstream.stats.ended.blocks")
+    with urllib.request.urlopen(gateway.url + page.get_attribute("#download", "href"), timeout=10) as response:
+        mp4 = tmp_path / "session.mp4"
+        mp4.write_bytes(response.read())
+    import av
+
+    with av.open(str(mp4)) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert blocks >= 1 and frames > 9 + (blocks - 1) * 9, (frames, blocks)  # the clip, then every block
+    page.close()
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the session")
+
+
 async def _switch_during(url: str, start: dict, switch: dict) -> dict:
     """Starts a session, sends `switch` once its info came; returns the next message that is no block or pong."""
     import aiohttp
@@ -272,6 +315,33 @@ def test_gateway_refuses_what_a_text_session_cannot_take(t2v_stack):
     replies = exchange(gateway.url, [{"type": "start", "image": {"demo": "corridor"}}], "error")
     assert replies[-2]["fatal"] and replies[-2]["code"] == "decoder_invalid_argument"
     assert "start the session with `prompt`" in replies[-2]["message"]
+    wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the sessions")
+
+
+def test_gateway_refuses_clips_it_cannot_start_from(t2v_stack, tmp_path):
+    """Over the WebSocket: a clip over the gateway's limit and a file that is no video are refused before they reach
+    the decoder; a clip on a deployment without video conditioning (Self-Forcing) ends with the decoder's
+    INVALID_ARGUMENT, relayed."""
+    services, gateway = t2v_stack
+
+    def start(data: str, name: str = "clip.mp4") -> dict:
+        return {"type": "start", "prompt": "the storm goes on", "video_prompt": "diagonal stripes",
+                "video": {"data": data, "name": name}}
+
+    limit = 16 << 20  # the gateway's default
+    replies = exchange(gateway.url, [start("A" * (4 * (-(-(limit + 1) // 3))), "long.mp4")], "error")
+    error = replies[-2]
+    assert error["code"] == "video_too_large" and not error["fatal"], error
+    assert "long.mp4" in error["message"] and "16 MiB" in error["message"] and "32 MiB" in error["message"]
+    replies = exchange(gateway.url, [start(base64.b64encode(b"plain text, no video").decode(), "notes.mp4")],
+                       "error")
+    assert replies[-2]["code"] == "bad_video" and "not an MP4 or WebM video" in replies[-2]["message"]
+
+    clip = base64.b64encode(write_clip(tmp_path / "clip.mp4").read_bytes()).decode()
+    replies = exchange(gateway.url, [start(clip)], "error")
+    error = replies[-2]
+    assert error["fatal"] and error["code"] == "decoder_invalid_argument", error
+    assert "does not continue videos" in error["message"]
     wait_for(lambda: decoder_sessions(services) == 0, 60, "the decoder to free the sessions")
 
 
@@ -380,7 +450,7 @@ def test_page_start_and_switch_requests():
     demos = {"corridor": REPO / "client/worldstream/gateway/static/demos/corridor.png"}
 
     def start(**message):
-        return session_start(message, demos, max_image_bytes=1 << 20, jpeg_quality=70)
+        return session_start(message, demos, max_image_bytes=1 << 20, max_video_bytes=1 << 20, jpeg_quality=70)
 
     text = start(prompt="a fox in snow", seed=5)
     assert (text.prompt, text.image, text.seed, text.jpeg_quality) == ("a fox in snow", b"", 5, 70)
@@ -391,6 +461,12 @@ def test_page_start_and_switch_requests():
     upload = start(image={"data": base64.b64encode(b"png bytes").decode(), "name": "me.png"})
     assert upload.image == b"png bytes"
     assert switch_request({"prompt": "a storm"}).switch_prompt.prompt == "a storm"
+    mp4, webm = b"\0\0\0\x20ftypisom" + b"\0" * 20, b"\x1a\x45\xdf\xa3" + b"\0" * 20
+    for clip in (mp4, webm):
+        video = start(prompt="a storm", video_prompt="stripes", video={"data": base64.b64encode(clip).decode()})
+        assert (video.video, video.video_prompt, video.prompt) == (clip, "stripes", "a storm")
+        assert video.pacing == session_pb2.PACING_LOCKSTEP
+    clip = {"data": base64.b64encode(mp4).decode(), "name": "c.mp4"}
 
     for message, code, says in [
         ({}, "bad_start", "exactly one"),
@@ -403,6 +479,15 @@ def test_page_start_and_switch_requests():
         ({"image": {"demo": "nope"}}, "bad_image", "corridor"),
         ({"image": {"data": "not base64!", "name": "x.png"}}, "bad_image", "not valid base64"),
         ({"image": {"data": "A" * (2 << 20), "name": "big.png"}}, "image_too_large", "1 MiB"),
+        ({"prompt": "a storm", "video": clip}, "bad_start", "all three"),
+        ({"prompt": "a storm", "video_prompt": "stripes"}, "bad_start", "all three"),
+        ({"image": {"demo": "corridor"}, "video": clip, "video_prompt": "stripes"}, "bad_start", "all three"),
+        ({"prompt": "a storm", "video": clip, "video_prompt": " "}, "bad_prompt", "what the clip shows"),
+        ({"prompt": "a storm", "video_prompt": "x", "video": {"data": "A" * (2 << 20), "name": "big.mp4"}},
+         "video_too_large", "32 MiB"),
+        ({"prompt": "a storm", "video_prompt": "x", "video": {"data": base64.b64encode(b"GIF89a..").decode(),
+                                                              "name": "a.gif"}}, "bad_video", "a.gif"),
+        ({"prompt": "a storm", "video_prompt": "x", "video": "clip.mp4"}, "bad_video", "BASE64"),
     ]:
         with pytest.raises(PageError) as caught:
             start(**message)

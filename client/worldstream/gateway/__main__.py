@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sessions played at once (one per playing tab)")
     parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
                         help="largest uploaded conditioning image")
+    parser.add_argument("--max-video-bytes", type=int, default=defaults.max_video_bytes,
+                        help="largest clip a video-conditional session continues (at most 32 MiB less 256 KiB: the "
+                             "decoder's limit on a start message)")
     parser.add_argument("--input-rate", type=float, default=defaults.input_rate,
                         help="input messages per second per tab")
     parser.add_argument("--jpeg-quality", type=int, default=85, help="quality of the decoder's JPEG frames")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         limits = Limits(max_sessions=args.max_sessions, max_image_bytes=args.max_image_bytes,
+                        max_video_bytes=args.max_video_bytes,
                         input_rate=args.input_rate, input_burst=max(1, round(args.input_rate / 2)))
         gateway = Gateway(args.decoder, limits, args.transport, args.jpeg_quality, args.recordings_dir,
                           channel_tls_from_args(args))

@@ -18,6 +18,7 @@ from worldstream.client.tls import ChannelTLS, open_channel
 from worldstream.v1 import session_pb2, session_pb2_grpc
 from .metrics import GatewayMetrics
 from .recording import Recording
+from .requests import MAX_START_VIDEO_BYTES
 from .tab import Tab, deployment
 
 log = logging.getLogger("worldstream.gateway")
@@ -30,17 +31,24 @@ TRANSPORTS = ("jpeg", "webrtc")
 class Limits:
     max_sessions: int = 8  # sessions (tabs playing) at once, whatever the decoder allows
     max_image_bytes: int = 8 << 20  # an uploaded conditioning image
+    # A clip to continue. It is held three times while a start is parsed (base64, bytes, the request), then
+    # dropped once sent; a few seconds of video are far smaller.
+    max_video_bytes: int = 16 << 20
     input_rate: float = 60.0  # input messages per second per tab (the page sends at most ~25)
     input_burst: int = 30
 
     def __post_init__(self):
-        if self.max_sessions < 1 or self.max_image_bytes < 1 or self.input_rate <= 0 or self.input_burst < 1:
+        if (self.max_sessions < 1 or self.max_image_bytes < 1 or self.max_video_bytes < 1 or self.input_rate <= 0
+                or self.input_burst < 1):
             raise ValueError(f"limits must be positive, got {self}")
+        if self.max_video_bytes > MAX_START_VIDEO_BYTES:
+            raise ValueError(f"the clip limit must be at most {MAX_START_VIDEO_BYTES} bytes (the decoder refuses a "
+                             f"start message over 32 MiB), got {self.max_video_bytes}")
 
     @property
     def max_message_bytes(self) -> int:
-        """Largest WebSocket message: a start with the largest image, base64-encoded."""
-        return 4 * (-(-self.max_image_bytes // 3)) + (64 << 10)
+        """Largest WebSocket message: a start with the largest image or clip, base64-encoded, and two prompts."""
+        return 4 * (-(-max(self.max_image_bytes, self.max_video_bytes) // 3)) + (256 << 10)
 
 
 def webrtc_available() -> bool:
@@ -133,7 +141,8 @@ class Gateway:
             "demos": [{"name": name, "url": f"/static/demos/{path.name}"} for name, path in self.demos.items()],
             "deployment": self.deployment,
             "transports": self.transports, "default_transport": self.default_transport,
-            "limits": {"max_image_bytes": self.limits.max_image_bytes, "input_rate": self.limits.input_rate,
+            "limits": {"max_image_bytes": self.limits.max_image_bytes,
+                       "max_video_bytes": self.limits.max_video_bytes, "input_rate": self.limits.input_rate,
                        "max_sessions": self.limits.max_sessions}})
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:

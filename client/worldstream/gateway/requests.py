@@ -1,6 +1,7 @@
 """The page's start and switch messages -> the decoder's requests, with the page's mistakes as `PageError`s (shown
 on the page, the session not spent). The decoder checks everything again; these checks only make the common
-mistakes cheap and, for a switch, not fatal to the session playing."""
+mistakes cheap and, for a switch, not fatal to the session playing. Uploads (an image, a clip) are base64 in the
+start message: their size is checked on the base64 text, before it is decoded."""
 from __future__ import annotations
 
 import base64
@@ -13,6 +14,9 @@ from worldstream.client.session import start_request
 from worldstream.v1 import session_pb2
 
 MAX_PROMPT_BYTES = 65536  # StartSession.prompt and SwitchPrompt.prompt (session.proto)
+# The decoder refuses a start message over 32 MiB (session.proto, StartSession.video); a clip leaves room for the
+# two prompts and the other fields.
+MAX_START_VIDEO_BYTES = (32 << 20) - (256 << 10)
 
 
 class PageError(Exception):
@@ -23,9 +27,10 @@ class PageError(Exception):
         self.code = code
 
 
-def session_start(message: dict[str, Any], demos: Mapping[str, Path], max_image_bytes: int,
+def session_start(message: dict[str, Any], demos: Mapping[str, Path], max_image_bytes: int, max_video_bytes: int,
                   jpeg_quality: int) -> session_pb2.StartSession:
-    """The decoder's start for the page's: from a `prompt` (text-to-video deployments) or an `image`.
+    """The decoder's start for the page's: from a `prompt` (text-to-video deployments), optionally continuing a
+    `video` clip that `video_prompt` describes (deployments with video conditioning), or from an `image`.
 
     Image sessions run REALTIME: every block takes the latest input. Text sessions have no input, so they run
     LOCKSTEP and the gateway requests each block with an empty action as the playout drains (`LiveSession`): the
@@ -37,7 +42,18 @@ def session_start(message: dict[str, Any], demos: Mapping[str, Path], max_image_
     if has_prompt == has_image:
         raise PageError("bad_start", "start a session with a `prompt` (text-to-video deployments) or an `image` "
                                      "(image deployments), exactly one of the two")
+    has_video = message.get("video") is not None
+    if has_video != (message.get("video_prompt") is not None) or (has_video and not has_prompt):
+        raise PageError("bad_start", "a clip start has all three of `video` (the clip), `video_prompt` (what the "
+                                     "clip shows) and `prompt` (what happens next)")
     common = dict(seed=seed, frame_encoding="jpeg", jpeg_quality=jpeg_quality)
+    if has_video:
+        # Sniffed before the prompts are checked: a wrong file is the likelier mistake, and it is the one to fix.
+        video = video_bytes(message["video"], max_video_bytes)
+        return start_request(None, prompt=prompt_text(message["prompt"], "the prompt of what happens next"),
+                             pacing="lockstep", video=video,
+                             video_prompt=prompt_text(message["video_prompt"], "the prompt of what the clip shows"),
+                             **common)
     if has_prompt:
         return start_request(None, prompt=prompt_text(message["prompt"], "the prompt"), pacing="lockstep", **common)
     return start_request(image_bytes(message["image"], demos, max_image_bytes), pacing="realtime", **common)
@@ -68,18 +84,48 @@ def image_bytes(spec: Any, demos: Mapping[str, Path], limit: int) -> bytes:
             raise PageError("bad_image", f"no demo image {spec['demo']!r}; choose one of {', '.join(sorted(demos))}")
         return path.read_bytes()
     if isinstance(spec, dict) and isinstance(spec.get("data"), str):
-        name = str(spec.get("name", "the upload"))[:200]
-        if len(spec["data"]) > 4 * (-(-limit // 3)):
-            raise PageError("image_too_large", f"{name} is larger than the gateway's limit of {mib(limit)}")
-        try:
-            data = base64.b64decode(spec["data"], validate=True)
-        except (binascii.Error, ValueError):
-            raise PageError("bad_image", f"{name}: the upload is not valid base64") from None
+        data = uploaded(spec, limit, "image", "images")
         if not data:
-            raise PageError("bad_image", f"{name} is empty; choose a PNG or JPEG image")
+            raise PageError("bad_image", f"{upload_name(spec)} is empty; choose a PNG or JPEG image")
         return data
     raise PageError("bad_image", "choose a conditioning image: `image` is {\"demo\": NAME} or "
                                  "{\"data\": BASE64, \"name\": FILE}")
+
+
+def video_bytes(spec: Any, limit: int) -> bytes:
+    """An MP4 or WebM clip (the encoder decodes it; anything else is refused here, before it travels)."""
+    if not (isinstance(spec, dict) and isinstance(spec.get("data"), str)):
+        raise PageError("bad_video", "choose a clip to continue: `video` is {\"data\": BASE64, \"name\": FILE}")
+    data = uploaded(spec, limit, "video", "clips (the decoder takes a start message of 32 MiB at most); trim the "
+                                          "clip to a few seconds")
+    if not is_video(data):
+        raise PageError("bad_video", f"{upload_name(spec)} is not an MP4 or WebM video; choose a short .mp4 or "
+                                     ".webm clip")
+    return data
+
+
+def is_video(data: bytes) -> bool:
+    """An ISO media file (MP4: an `ftyp` box first) or a Matroska one (WebM: the EBML magic)."""
+    return data[4:8] == b"ftyp" or data[:4] == b"\x1a\x45\xdf\xa3"
+
+
+def uploaded(spec: dict[str, Any], limit: int, kind: str, limit_of: str) -> bytes:
+    """The bytes of a base64 upload, its size checked on the base64 text first; `limit_of` ends the message."""
+    too_large = PageError(f"{kind}_too_large", f"{upload_name(spec)} is larger than the gateway's limit of "
+                                                f"{mib(limit)} for {limit_of}")
+    if len(spec["data"]) > 4 * (-(-limit // 3)):
+        raise too_large
+    try:
+        data = base64.b64decode(spec["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise PageError(f"bad_{kind}", f"{upload_name(spec)}: the upload is not valid base64") from None
+    if len(data) > limit:  # the base64 bound is exact to 3 bytes only
+        raise too_large
+    return data
+
+
+def upload_name(spec: dict[str, Any]) -> str:
+    return str(spec.get("name", "the upload"))[:200]
 
 
 def mib(size: int) -> str:

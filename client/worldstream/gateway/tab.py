@@ -1,22 +1,26 @@
 """One browser tab: its WebSocket (JSON control and input messages in; info, blocks, errors and JPEG frames out)
 and at most one live decoder session at a time: an image session (REALTIME, driven by the page's input) or a
-text-to-video session (LOCKSTEP, one empty action per block as the playout drains; see `requests.session_start`).
+text-to-video session (LOCKSTEP, one empty action per block as the playout drains; see `requests.session_start`),
+which may continue a clip (its reconstruction plays first, then the generated blocks, as one video).
 The session ends when the page stops it, when the decoder ends it, or when the tab's WebSocket closes.
 
 Page -> gateway (JSON text messages):
     {"type": "start", "image": {"demo": NAME} | {"data": BASE64, "name": FILE} | "prompt": TEXT,
+     "video": {"data": BASE64, "name": FILE} and "video_prompt": TEXT (with "prompt"; video-conditional deployments),
      "transport": "jpeg" | "webrtc", "seed": INT, "record": BOOL, "offer": SDP (webrtc)}
     {"type": "input", "keys": ["W", ...] (held, in press order), "mouse": [dx, dy] (pixels since the last input)}
     {"type": "switch", "prompt": TEXT}               text sessions of deployments with prompt switching (LongLive)
     {"type": "stop"}
     {"type": "ping", "t": MS}                        clock offset for the latency readout
     {"type": "stats", "paint_latency": [SECONDS...]} the page's latency samples, for the gateway's metrics
-Gateway -> page: JSON {"type": "info" | "answer" | "block" | "switched" | "sent" | "end" | "error" | "pong", ...},
+Gateway -> page: JSON {"type": "info" | "answer" | "clip" | "block" | "switched" | "sent" | "end" | "error" | "pong",
+...} ("clip": frames of the clip's reconstruction, before block 0),
 and one binary message per frame on the JPEG transport (`transports.FRAME_HEADER`, then the JPEG file).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -40,12 +44,13 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 log = logging.getLogger("worldstream.gateway")
-MAX_CONTROL_BYTES = 64 << 10  # every message but `start` (an image) and `switch` (a prompt) is far smaller
+MAX_CONTROL_BYTES = 64 << 10  # every message but `start` (an image or a clip) and `switch` (a prompt) is far smaller
 MAX_STATS_SAMPLES = 256
 # Text sessions: blocks requested beyond the one being queued for playout. Two keep the decoder busy while a block
 # plays, and a prompt switch takes effect at most that many blocks after what is on screen.
 TEXT_BLOCKS_AHEAD = 2
 SWITCH_RATE, SWITCH_BURST = 1.0, 3  # prompt switches per second per tab; a person types slower
+CLIP_BLOCK = 0xFFFFFFFF  # the block index of a clip frame in its frame header (the page tells them by `clip`)
 
 
 def millis(timestamp) -> float:
@@ -59,6 +64,7 @@ class LiveSession:
                  record: bool):
         self.tab, self.gateway = tab, tab.gateway
         self.start, self.transport_name, self.offer, self.record = start, transport_name, offer, record
+        self.video = bool(start.video)  # a clip to continue: its reconstruction comes before block 0
         self.call = None
         self.transport = None
         self.mapper: InputMapper | None = None
@@ -78,6 +84,7 @@ class LiveSession:
         try:
             self.call = self.gateway.stub.Session()
             await self.call.write(session_pb2.SessionRequest(start=self.start))
+            self.start.ClearField("video")  # sent (serialized by the write): not held for the whole session
             info = await self._open()
             await self._play_session(info)
         except grpc.aio.AioRpcError as e:
@@ -156,7 +163,7 @@ class LiveSession:
 
     async def _receive(self, info: session_pb2.SessionInfo, playout: Playout) -> None:
         """Decoder blocks -> the page's block messages, the recording and the playout buffer."""
-        loop, seq = asyncio.get_running_loop(), 0
+        loop, seq, clip_frames = asyncio.get_running_loop(), 0, 0
         needs_pixels = self.transport.needs_pixels or self.recording is not None
         try:
             while True:
@@ -177,9 +184,26 @@ class LiveSession:
                                          "count": switched.switch_count,
                                          "tokens_dropped": switched.prompt_tokens_dropped})
                     continue
+                if kind == "video_frames":
+                    clip = response.video_frames
+                    if not self.video or clip.first_frame != clip_frames or seq != clip_frames:
+                        raise PageError("decoder_protocol", f"the decoder sent clip frames from {clip.first_frame} "
+                                                            f"after {seq} frames of a session "
+                                                            f"{'with' if self.video else 'without'} a clip")
+                    pixels = await loop.run_in_executor(
+                        None, decode_frames, clip, info, f"clip frames from {clip.first_frame}") if needs_pixels \
+                        else None
+                    if self.recording is not None:
+                        self.recording.write(pixels, None)
+                    await self.tab.send({"type": "clip", "first_frame": clip.first_frame, "first_seq": seq,
+                                         "frames": len(clip.frames), "total_frames": clip.total_frames})
+                    for i, jpeg in enumerate(clip.frames):
+                        await playout.put(Frame(seq, CLIP_BLOCK, jpeg, None if pixels is None else pixels[i]))
+                        seq += 1
+                    clip_frames = seq
+                    continue
                 if kind != "block":
-                    raise PageError("decoder_protocol", f"the decoder sent `{kind}` in a session started without "
-                                                        "a video")
+                    raise PageError("decoder_protocol", f"the decoder sent `{kind}` in the middle of a session")
                 block = response.block
                 received = now_ms()
                 self.gateway.metrics.block_receive_delay.observe(max(0.0, received - millis(block.send_time)) / 1e3)
@@ -301,7 +325,9 @@ class Tab:
         try:
             async for message in self.ws:
                 if message.type == WSMsgType.TEXT:
-                    await self._handle(message.data)
+                    data, message = message.data, None  # a start's clip is not held while the next one is awaited
+                    await self._handle(data)
+                    del data
                 elif message.type == WSMsgType.BINARY:
                     await self.error("bad_message", "binary messages are not accepted; send JSON text messages")
                 elif message.type == WSMsgType.ERROR and getattr(message.data, "code", None) == 1009:
@@ -319,7 +345,9 @@ class Tab:
 
     async def _handle(self, data: str) -> None:
         try:
-            message = json.loads(data)
+            # A start with a clip is tens of MiB of JSON: parsed on a worker thread, not on the event loop
+            message = json.loads(data) if len(data) <= MAX_CONTROL_BYTES else \
+                await asyncio.get_running_loop().run_in_executor(None, json.loads, data)
             if not isinstance(message, dict):
                 raise PageError("bad_message", "messages must be JSON objects with a `type`")
             kind = message.get("type")
@@ -342,9 +370,6 @@ class Tab:
         if self.task is not None and not self.task.done():
             raise PageError("session_running", "a session is already running in this tab; stop it first")
         gateway = self.gateway
-        if gateway.sessions_active >= gateway.limits.max_sessions:
-            raise PageError("gateway_full", f"this gateway plays {gateway.limits.max_sessions} sessions at most and "
-                                            "all are in use; close another tab or try again later")
         transport = message.get("transport") or gateway.default_transport
         if transport not in gateway.transports:
             raise PageError("bad_transport", f"transport {transport!r} is not available here; this gateway offers "
@@ -352,7 +377,14 @@ class Tab:
         offer = message.get("offer")
         if transport == "webrtc" and not isinstance(offer, str):
             raise PageError("webrtc_offer", "a WebRTC start needs the page's SDP offer in `offer`")
-        start = session_start(message, gateway.demos, gateway.limits.max_image_bytes, gateway.jpeg_quality)
+        limits = gateway.limits
+        # Off the event loop: base64 decoding of a clip, reading a demo image
+        start = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            session_start, message, gateway.demos, limits.max_image_bytes, limits.max_video_bytes,
+            gateway.jpeg_quality))
+        if gateway.sessions_active >= limits.max_sessions:
+            raise PageError("gateway_full", f"this gateway plays {limits.max_sessions} sessions at most and "
+                                            "all are in use; close another tab or try again later")
         for recording in self.recordings:  # one download per tab: the latest session's
             gateway.recordings.pop(recording.token, None)
             await recording.discard()

@@ -1,7 +1,7 @@
 // The play page: one WebSocket to the gateway per tab (control, input, prompt switches, JPEG frames), an optional
 // WebRTC video track, the action overlay and the FPS and latency readouts. Image deployments start from an image and
 // take keys and the mouse; text-to-video deployments start from a prompt, and LongLive ones switch prompts while the
-// video plays. The message protocol is described in the gateway's tab.py.
+// video plays and may start by continuing an uploaded clip (its reconstruction plays first, then what follows). The message protocol is described in the gateway's tab.py.
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -13,6 +13,7 @@ const ui = {
   keysHelp: $("keys-help"), sessionInfo: $("session-info"), overlay: $("overlay"), setupHelp: $("setup-help"),
   promptSetup: $("prompt-setup"), prompt: $("prompt"), imageSetup: $("image-setup"), switchForm: $("switch"),
   switchPrompt: $("switch-prompt"), switchButton: $("switch-button"), switchStatus: $("switch-status"),
+  clipSetup: $("clip-setup"), clip: $("clip"), clipPrompt: $("clip-prompt"), clipFrames: $("clip-frames"),
 };
 const FRAME_HEADER_BYTES = 16; // uint32 seq, uint32 block, float64 sent-at ms (little endian)
 const INPUT_TICK_MS = 40; // mouse motion is sent at most this often
@@ -23,11 +24,14 @@ let deployment = null; // {family, text, prompt_switching, ...} once a session (
 let ws = null;
 let session = null; // the running session's state, null when idle
 let upload = null; // {name, file} once a valid upload is chosen
+let clip = null; // {name, file} once a valid clip to continue is chosen
 let clockOffset = 0; // gateway clock minus this page's clock (ms), from the best ping
 let bestRtt = Infinity;
 
 // Public for the browser test and the latency benchmark: counters and per-frame samples.
-const stats = { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, errors: [], switches: [] };
+// clip: {total, painted} frames of a clip's reconstruction; phases: "clip", "block" as painting moved between them.
+const stats = { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, errors: [], switches: [], clip: null,
+                phases: [] };
 window.worldstream = { stats, get session() { return session; } };
 
 function showError(message) {
@@ -55,7 +59,8 @@ function connect() {
       if (ws === socket) ws = null;
       if (event.code === 1009) {
         showError(`The gateway closed the connection: a message was larger than its limit ` +
-                  `(images up to ${mib(config.limits.max_image_bytes)}).`);
+                  `(images up to ${mib(config.limits.max_image_bytes)}, clips up to ` +
+                  `${mib(config.limits.max_video_bytes)}).`);
       } else if (session) {
         showError(`Lost the connection to the gateway (code ${event.code}); the session ended.`);
       }
@@ -88,6 +93,7 @@ function onMessage(message) {
     case "answer": session?.pc?.setRemoteDescription({ type: "answer", sdp: message.sdp })
       .catch((e) => showError(`WebRTC: ${e.message}`)); break;
     case "block": onBlock(message); break;
+    case "clip": onClip(message); break;
     case "sent": session?.sent.set(message.seq, message.t); break;
     case "end": onEnd(message); break;
     case "switched": onSwitched(message); break;
@@ -107,6 +113,7 @@ function showDeployment(known) {
   ui.promptSetup.hidden = known !== null && !known.text;
   ui.imageSetup.hidden = known !== null && known.text;
   ui.setupHelp.hidden = known !== null;
+  ui.clipSetup.hidden = known !== null && !known.video_conditioning;
 }
 
 function onInfo(info) {
@@ -168,6 +175,17 @@ function onBlock(block) {
   if (session.blockBySeq.length > 64) {
     const old = session.blockBySeq.shift();
     session.blocks.delete(old.index);
+  }
+}
+
+// Frames of the clip's reconstruction: they play before block 0, counted apart from the generated ones.
+function onClip(message) {
+  if (!session) return;
+  session.blockBySeq.push({ clip: true, first_seq: message.first_seq, frames: message.frames });
+  stats.clip ??= { total: message.total_frames, painted: 0 };
+  if (message.first_frame === 0) {
+    setStatus(`Playing the clip as the model reconstructs it (${message.total_frames} frames); the video that ` +
+              "continues it follows.");
   }
 }
 
@@ -252,7 +270,19 @@ function painted(seq, paintPerf) {
   const block = blockOf(seq);
   stats.frames += 1;
   session.paintTimes.push(paintPerf);
-  if (block) {
+  const phase = block?.clip ? "clip" : "block";
+  if (block && stats.phases.at(-1) !== phase) {
+    stats.phases.push(phase);
+    if (phase === "block" && stats.clip) {
+      setStatus(`Playing the continuation of the clip${session.info.prompt_switching
+        ? ": type a new prompt to switch while it plays." : "."}`);
+    }
+  }
+  if (block?.clip) {
+    stats.clip.painted += 1;
+    ui.clipFrames.textContent = `${stats.clip.painted} of ${stats.clip.total}`;
+    ui.blockIndex.textContent = "clip";
+  } else if (block) {
     const paint = performance.timeOrigin + paintPerf + clockOffset; // gateway clock
     const sample = {
       seq, block: block.index, first: seq === block.first_seq, transport: session.info.transport,
@@ -404,11 +434,39 @@ function base64(file) {
   });
 }
 
+ui.clip.addEventListener("change", async () => {
+  const file = ui.clip.files[0];
+  clip = null;
+  if (!file) return;
+  clearError();
+  const refuse = (why) => { showError(why); ui.clip.value = ""; };
+  const limit = config.limits.max_video_bytes;
+  if (file.size > limit) {
+    return refuse(`“${file.name}” is ${mib(file.size)}; the gateway takes clips up to ${mib(limit)} (the ` +
+                  `decoder takes a start message of 32 MiB at most). Trim it to a few seconds.`);
+  }
+  const typed = ["video/mp4", "video/webm"].includes(file.type) || (!file.type && /\.(mp4|webm)$/i.test(file.name));
+  const head = new Uint8Array(await file.slice(0, 12).arrayBuffer());
+  const ascii = String.fromCharCode(...head.slice(4, 8));
+  const magic = ascii === "ftyp" || (head[0] === 0x1a && head[1] === 0x45 && head[2] === 0xdf && head[3] === 0xa3);
+  if (!typed || !magic) {
+    return refuse(`“${file.name}” is not an MP4 or WebM video (${file.type || "unknown type"}); choose a short ` +
+                  ".mp4 or .webm clip.");
+  }
+  clip = { name: file.name, file };
+});
+
 // ---- start and stop ----------------------------------------------------------------------------------------
 
 // The start's conditioning: the prompt if the deployment takes one (or may: not known yet) and one was typed.
 function conditioning() {
   const prompt = ui.prompt.value.trim();
+  if (clip && !ui.clipSetup.hidden) {
+    const clipPrompt = ui.clipPrompt.value.trim();
+    if (!clipPrompt) return { error: "Describe the clip: type what it shows (the model reads the clip under it)." };
+    if (!prompt) return { error: "Type the prompt of what happens after the clip." };
+    return { prompt, clip, clipPrompt };
+  }
   if (deployment?.text) return prompt ? { prompt } : { error: "Type a prompt first: this deployment is text-to-video." };
   if (prompt && !deployment) return { prompt };
   const demo = selectedDemo();
@@ -426,22 +484,25 @@ async function start() {
   try {
     if (!ws) await connect();
     const transport = ui.transport.value;
-    const source = chosen.prompt ? { prompt: chosen.prompt }
+    const source = chosen.clip ? { prompt: chosen.prompt, video_prompt: chosen.clipPrompt,
+                                   video: { name: chosen.clip.name, data: await base64(chosen.clip.file) } }
+      : chosen.prompt ? { prompt: chosen.prompt }
       : { image: chosen.image ?? { name: upload.name, data: await base64(upload.file) } };
     session = {
       info: null, keys: null, blocks: new Map(), blockBySeq: [], sent: new Map(), drawnSeq: -1, anchor: null,
       paintTimes: [], latencies: [], unreported: [], shownBlock: null, pc: null, switches: new Map(),
     };
-    Object.assign(stats, { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, switches: [] });
-    ui.frameCount.textContent = "0"; ui.blockIndex.textContent = "–"; ui.fps.textContent = "–";
+    Object.assign(stats, { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, switches: [], clip: null,
+                           phases: [] });
+    ui.frameCount.textContent = "0"; ui.clipFrames.textContent = "–"; ui.blockIndex.textContent = "–"; ui.fps.textContent = "–";
     ui.latency.textContent = "–"; ui.echoKeys.textContent = "–"; ui.echoKeys.dataset.keys = "";
     ui.download.hidden = true; ui.switchStatus.hidden = true;
     const message = { type: "start", ...source, seed, transport, record: ui.record.checked };
     if (transport === "webrtc") message.offer = await webrtcOffer(session);
     send(message);
     ui.stop.disabled = false;
-    setStatus(`Starting a session: the decoder encodes the ${chosen.prompt ? "prompt" : "image"} and warms its ` +
-              "caches…");
+    const what = chosen.clip ? "clip and both prompts" : chosen.prompt ? "prompt" : "image";
+    setStatus(`Starting a session: the decoder encodes the ${what} and warms its caches…`);
   } catch (e) {
     showError(`Could not start: ${e.message}`);
     endSession(null);
