@@ -429,7 +429,8 @@ def test_gateway_relays_decoder_errors_and_enforces_limits(stack):
     replies = exchange(gateway.url, flood, "error")
     assert replies[-2]["code"] == "input_rate" and "per second" in replies[-2]["message"]
 
-    huge = json.dumps({"type": "start", "image": {"data": "A" * (12 << 20), "name": "big.png"}})
+    # over the largest message the gateway reads (a start with a 16 MiB clip, base64): closed as it arrives
+    huge = json.dumps({"type": "start", "image": {"data": "A" * (24 << 20), "name": "big.png"}})
     replies = exchange(gateway.url, [huge], "error")
     assert replies[-1]["type"] == "closed"  # 1009 (message too big), or 1006 if it came mid-send
     wait_for(lambda: gateway.metric("worldstream_gateway_errors_total", {"code": "message_too_large"}) == 1, 10,

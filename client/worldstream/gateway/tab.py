@@ -162,7 +162,8 @@ class LiveSession:
             "END_REASON_").lower(), "detail": end.detail, "blocks": end.blocks_generated, "recording": url})
 
     async def _receive(self, info: session_pb2.SessionInfo, playout: Playout) -> None:
-        """Decoder blocks -> the page's block messages, the recording and the playout buffer."""
+        """Decoder blocks (after a clip's reconstruction) -> the page's block (clip) messages, the recording and the
+        playout buffer."""
         loop, seq, clip_frames = asyncio.get_running_loop(), 0, 0
         needs_pixels = self.transport.needs_pixels or self.recording is not None
         try:
@@ -190,17 +191,12 @@ class LiveSession:
                         raise PageError("decoder_protocol", f"the decoder sent clip frames from {clip.first_frame} "
                                                             f"after {seq} frames of a session "
                                                             f"{'with' if self.video else 'without'} a clip")
-                    pixels = await loop.run_in_executor(
-                        None, decode_frames, clip, info, f"clip frames from {clip.first_frame}") if needs_pixels \
+                    where = f"clip frames from {clip.first_frame}"
+                    pixels = await loop.run_in_executor(None, decode_frames, clip, info, where) if needs_pixels \
                         else None
-                    if self.recording is not None:
-                        self.recording.write(pixels, None)
                     await self.tab.send({"type": "clip", "first_frame": clip.first_frame, "first_seq": seq,
                                          "frames": len(clip.frames), "total_frames": clip.total_frames})
-                    for i, jpeg in enumerate(clip.frames):
-                        await playout.put(Frame(seq, CLIP_BLOCK, jpeg, None if pixels is None else pixels[i]))
-                        seq += 1
-                    clip_frames = seq
+                    seq = clip_frames = await self._queue(playout, seq, CLIP_BLOCK, clip.frames, pixels, None)
                     continue
                 if kind != "block":
                     raise PageError("decoder_protocol", f"the decoder sent `{kind}` in the middle of a session")
@@ -211,19 +207,24 @@ class LiveSession:
                     block.action, self.mapper.space, self.layout, block.block_index if block.action.frames else None,
                     f"echo of block {block.block_index}")
                 pixels = await loop.run_in_executor(None, decode_frames, block, info) if needs_pixels else None
-                if self.recording is not None:
-                    self.recording.write(pixels, action)
                 await self.tab.send({
                     "type": "block", "index": block.block_index, "first_seq": seq, "frames": len(block.frames),
                     "send_time": millis(block.send_time), "received": received,
                     "echo": None if action is None else self.mapper.echo(action)})
-                for i, jpeg in enumerate(block.frames):
-                    await playout.put(Frame(seq, block.block_index, jpeg, None if pixels is None else pixels[i]))
-                    seq += 1
+                seq = await self._queue(playout, seq, block.block_index, block.frames, pixels, action)
                 if self.mapper is None:  # its frames are queued: request the next block
                     await self._request_block()
         finally:
             await playout.close()
+
+    async def _queue(self, playout: Playout, seq: int, block: int, jpegs, pixels: np.ndarray | None,
+                     action: BlockAction | None) -> int:
+        """Frames from `seq` on -> the recording and the playout; returns the next frame's seq."""
+        if self.recording is not None:
+            self.recording.write(pixels, action)
+        for i, jpeg in enumerate(jpegs):
+            await playout.put(Frame(seq + i, block, jpeg, None if pixels is None else pixels[i]))
+        return seq + len(jpegs)
 
     async def _play(self, playout: Playout) -> None:
         metrics, name = self.gateway.metrics, self.transport_name
