@@ -32,7 +32,7 @@ from worldstream.api.spaces import BlockAction
 from ..encoder.client import ClipSpec, ConditionFeed, ConditionSpec, EncoderClient
 from ..engine.generator import BlockOutput, DecoderModels, GenerationSession, PendingBlock
 from ..media import encode_jpeg
-from ..serving.aio import WorkerLane, run_together, within, write_with_timeout
+from ..serving.aio import WorkerLane, now_timestamp, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.memory import HeapTrimmer
@@ -50,12 +50,6 @@ OUTBOX_BLOCKS = 2  # finished blocks waiting for encoding/sending before the blo
 MAX_PENDING_SWITCHES = 4
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
-
-
-def _now() -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(time.time_ns())
-    return stamp
 
 
 # ---- actions from the client ----------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ class ActionInbox:
     def __init__(self, pacing: int, idle: BlockAction | None):
         self.lockstep = pacing == session_pb2.PACING_LOCKSTEP
         self._queue: list[TakenAction] = []
-        self._latest = TakenAction(session_pb2.Action(), idle, _now())
+        self._latest = TakenAction(session_pb2.Action(), idle, now_timestamp())
         self._stopped = False
         self._interrupted = False
         self._changed = asyncio.Condition()
@@ -382,7 +376,7 @@ class Session:
                 raise ServiceError(_OUT_OF_RANGE, f"action #{actions + 1} is past the end: the session has "
                                                   f"max_blocks={max_blocks} blocks, one action each")
             action = self._parse_action(message.action, actions if lockstep else None, f"action #{actions + 1}")
-            await self.inbox.put(TakenAction(message.action, action, _now(), switch))
+            await self.inbox.put(TakenAction(message.action, action, now_timestamp(), switch))
             switch, actions = None, actions + 1
         late = await messages.next()
         if late is not None and late.WhichOneof("request") == "switch_prompt":
@@ -429,7 +423,7 @@ class Session:
             prompt = await switch if switch is not None else None  # its Encode call may still be running
             self.pending.discard(switch)
             self.blocks_started = b + 1
-            start_time, started = _now(), time.perf_counter()
+            start_time, started = now_timestamp(), time.perf_counter()
             pending = await self.lane.run(self._launch_block, cond, taken.action,
                                           None if prompt is None else prompt.context)
             switched = None
@@ -450,7 +444,7 @@ class Session:
         """Wait for a queued block's frames (on the session's worker) and hand the block to the deliverer."""
         output = await self.lane.run(queued.pending.result)
         await self.outbox.put(_Finished(output, queued.taken, {**queued.stages, **output.timings},
-                                        queued.start_time, _now(), queued.switched))
+                                        queued.start_time, now_timestamp(), queued.switched))
 
     def _due_switch(self) -> asyncio.Task | None:
         """REALTIME: the switch not yet applied, once its prompt is encoded."""
@@ -491,7 +485,7 @@ class Session:
             block = session_pb2.BlockChunk(
                 block_index=item.output.index, frame_count=len(frames), frames=frames, action=item.taken.message,
                 stage_seconds=item.stage_seconds, action_time=item.taken.taken_at, start_time=item.start_time,
-                generated_time=item.generated_time, send_time=_now())
+                generated_time=item.generated_time, send_time=now_timestamp())
             await self._send(session_pb2.SessionResponse(block=block))
             self.blocks_sent += 1
             self.metrics.blocks_served.inc()

@@ -19,12 +19,12 @@ from typing import Any
 
 import grpc
 import torch
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..engine.eden import build_eden_patchify, check_frame_size
 from ..engine.interpolation import DEFAULT_PAYLOAD_JPEG_QUALITY, decode_frame, encode_payload, payload_spec
 from ..models.eden import EdenConfig, EdenPatchify, PairGeometry
-from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
+from ..serving.aio import (Requests, WorkerLane, now_timestamp, run_call, run_together, within,
+                           write_with_timeout)
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
 from ..serving.metrics import ServiceMetrics
@@ -61,12 +61,6 @@ def frame_format_name(value: int) -> str:
 def slot_tensors(payload: str, pairs: int, geometry: PairGeometry, cfg: EdenConfig) -> cuda_ipc.SlotTensors:
     """The payload's tensors of a batch of `pairs` pairs as they lie in a CUDA IPC slot (not FRAMES_JPEG)."""
     return [(spec.name, spec.dtype, spec.shape) for spec in payload_spec(payload, pairs, geometry, cfg)]
-
-
-def now_timestamp() -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(time.time_ns())
-    return stamp
 
 
 class PairEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):

@@ -1,15 +1,18 @@
 """asyncio helpers for the body of a streaming call: status mapping, time limits, writes to slow callers,
-helper coroutines, and a worker thread per stream so that device work never runs on the event loop."""
+helper coroutines, a worker thread per stream so that device work never runs on the event loop, and the wall-clock
+time stamps the messages carry."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import logging
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from .errors import ClientGone, ServiceError
 from .logs import log_event
@@ -177,3 +180,10 @@ class WorkerLane:
         done = self._executor.submit(finalizer)
         self._executor.shutdown(wait=False)
         return asyncio.wrap_future(done)
+
+
+def now_timestamp() -> Timestamp:
+    """The wall-clock time now, as the messages report it."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
