@@ -13,7 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service_harness import REPO, SMALL_FRAMES, metric_value, png_bytes, running_services
+from service_harness import REPO, SMALL_FRAMES, metric_value, png_bytes, running_services, wait_for
+from test_hardening_decoder import rss_mb
 from worldstream.batch import PromptConditioning
 from worldstream.client import SessionStream, run_session, start_request
 from worldstream.client.session import MAX_RECEIVE_BYTES
@@ -217,6 +218,26 @@ def test_video_errors_and_the_service_goes_on(services, tmp_path, video, fields,
     error = call_status(services.address, [start(video=clips[video].read_bytes() if video in clips else video,
                                                  **fields)])
     assert error.code() == Code.INVALID_ARGUMENT and message in error.details(), error.details()
+    assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
+
+
+@pytest.mark.parametrize("request_, message", [
+    ([start(video=b"\x1a\x45\xdf\xa3" + b"\0" * (30 << 20), video_prompt=PROMPTS[0])],
+     "clip rejected: clip bytes (31457284 B): not a decodable video"),
+    ([start(), switch("fox " * (7 << 20))], "a `switch_prompt` of 29360138 bytes; its prompt may have at most 65536"),
+], ids=["30MB-clip", "28MB-switch"])
+def test_huge_hostile_inputs_leave_memory_where_it_was(services, request_, message):
+    """A 30 MiB undecodable clip (an MKV signature, then zeros: it reaches the encoder's decoder) and a 28 MiB
+    switch (refused by its size before parsing) end with INVALID_ARGUMENT; both services' memory returns to where it
+    was and the next session is served."""
+    def rss() -> list[float]:
+        return [rss_mb(service.process.pid) for service in (services.decoder, services.encoder)]
+    run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED)  # the baseline of a served session
+    before = rss()
+    error = call_status(services.address, request_)
+    assert error.code() == Code.INVALID_ARGUMENT and message in error.details(), error.details()
+    # (the decoder returns malloc's free heap a second after the last large request)
+    wait_for(lambda: all(a - b < 32 for a, b in zip(rss(), before)), 10, f"memory back near {before} MiB")
     assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
 
 
