@@ -212,7 +212,6 @@ class Session:
         self.spec = ConditionSpec.of(self.models)
         self.feed: ConditionFeed | None = None  # image sessions: the image's stream (prompts: `_prompt_context`)
         self.switch: asyncio.Task[PromptContext] | None = None  # REALTIME: the switch not yet applied
-        self.encoding: set[asyncio.Task[PromptContext]] = set()  # every switch's Encode call still running
         self.pending: set[asyncio.Task[PromptContext]] = set()  # switches neither applied nor replaced
         self.switch_count = 0  # switches that took effect
         self.blocks_started = 0
@@ -328,13 +327,11 @@ class Session:
                                f"{MAX_PENDING_SWITCHES} prompt switches are already waiting for their blocks; send "
                                "the next one once a PromptSwitched came back")
         task = asyncio.ensure_future(self._prompt_context(message.prompt))
-        self.encoding.add(task)
         self.pending.add(task)
         task.add_done_callback(self._encoded)
         return task
 
     def _encoded(self, task: asyncio.Task) -> None:
-        self.encoding.discard(task)
         if task.cancelled():
             self.pending.discard(task)  # replaced
         else:
@@ -512,7 +509,7 @@ class Session:
         """Free everything the session holds, however it ended (after the block in flight finishes)."""
         if self.feed is not None:
             self.feed.close()
-        for switch in list(self.encoding):
+        for switch in list(self.pending):  # (the applied ones are done)
             switch.cancel()
         await asyncio.shield(self.lane.close(self._free_device_state))
         self._log("session released", blocks=self.blocks_sent)
