@@ -83,6 +83,7 @@ def test_missing_checkpoint_file_is_named(tmp_path):
 # The block loop's hot path: everything called per block / per denoising step.
 HOT_PATH = [
     block_loop.BlockDenoiser.denoise, block_loop.GaussianNoise.__call__, generator.GenerationSession.launch_block,
+    generator.GenerationSession._frames,
     block_loop.SessionDiT.__call__, cuda_graphs.GraphedSessionDiT.__call__, cuda_graphs.GraphedSessionDiT._load,
     scheduler.flow_to_x0, scheduler.renoise, kv_cache.RingKVCache.update, kv_cache.RollingWindow.slots,
     kv_cache.GlobalWindow.slots, kv_cache.RingSlots.of, rope.apply_rope,

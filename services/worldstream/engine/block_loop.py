@@ -179,11 +179,14 @@ class BlockDenoiser:
     @torch.no_grad()
     def denoise(self, block_index: int, cond_concat: torch.Tensor | None = None,
                 keyboard_rows: torch.Tensor | None = None, mouse_rows: torch.Tensor | None = None,
-                observe: Observer | None = None, clock=None) -> torch.Tensor:
+                observe: Observer | None = None, clock=None,
+                before_cache_update: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Generate the latents [B, 16, n, h, w] of block `block_index` and update the caches with them.
 
         The per-block conditioning is whatever the model takes: `cond_concat` channels, action rows, or nothing.
         `observe(name, tensor)` sees every intermediate (golden checks); `clock.mark(stage)` times the stages.
+        `before_cache_update(latents)` runs once the steps are queued, before the cache update's DiT call: what
+        it queues (a session's VAE decode) goes ahead of it on the stream; it must draw no noise.
         """
         start = self.first_block_frame + block_index * self.frames_per_block
         cond = cond_concat.to(self.device, self.dtype) if cond_concat is not None else None
@@ -208,6 +211,8 @@ class BlockDenoiser:
 
         if clock is not None:
             clock.mark("denoise")
+        if before_cache_update is not None:
+            before_cache_update(x0)
         with record_function("cache_update"):
             # Re-run the clean block at t = context_noise so that the caches hold clean keys/values.
             context_input = renoise(x0, self.noise(x0), self.context_sigma) if self.context_sigma else x0

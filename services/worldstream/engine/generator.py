@@ -45,40 +45,58 @@ class StageClock:
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, object]] = []
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str) -> int:
+        """Mark the end of stage `name` (a stage may end several times: its durations add up); returns the
+        mark's index (for `wait`)."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.marks.append((name, event))
         else:
             self.marks.append((name, time.perf_counter()))
+        return len(self.marks) - 1
 
-    def wait(self) -> None:
-        """Wait until the last mark is reached on the device. Sessions share the device's stream, so this
-        waits for this block's work (and whatever was queued before it), never for work queued after it."""
+    def wait(self, mark: int = -1) -> None:
+        """Wait until mark `mark` (the last by default) is reached on the device. Sessions share the device's
+        stream, so this waits for this block's work up to there (and whatever was queued before it), never for
+        work queued after it."""
         if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()
+            self.marks[mark][1].synchronize()
 
     def durations(self) -> dict[str, float]:
-        """Seconds between consecutive marks, named by the later one (call after `wait`)."""
-        out = {}
+        """Seconds between consecutive marks, named by the later one and added up per name (call after
+        `wait`)."""
+        out: dict[str, float] = {}
         for (_, start), (name, end) in zip(self.marks, self.marks[1:]):
-            out[name] = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+            out[name] = out.get(name, 0.0) + (start.elapsed_time(end) / 1000.0 if self.cuda else end - start)
         return out
 
 
 @dataclass
 class PendingBlock:
-    """A block whose device work is queued: `result()` waits for its frames (the block's one host sync)."""
+    """A block whose device work is queued. Its frames reach the host latent by latent, each latent's before
+    the next one's decode and before the block's cache update: `wait_part(i)` waits for latent i's frames,
+    `result()` for the whole block (its frames, the parts' in order, and its stage timings)."""
     index: int
     latents: torch.Tensor  # [1, 16, n, h, w] on the model's device
-    frames: torch.Tensor  # uint8 [T, H, W, 3] on the host, complete once the clock's marks are reached
+    parts: list[tuple[torch.Tensor, int]]  # per latent: uint8 frames [t, H, W, 3] on the host, complete at mark
     clock: StageClock
     switched: bool
 
+    @property
+    def part_count(self) -> int:
+        return len(self.parts)
+
+    def wait_part(self, i: int) -> torch.Tensor:
+        """The frames of the block's latent i once they are on the host (1 for a stream's first latent, else 4)."""
+        frames, mark = self.parts[i]
+        self.clock.wait(mark)
+        return frames
+
     def result(self) -> BlockOutput:
         self.clock.wait()
-        return BlockOutput(self.index, self.frames, self.latents, self.clock.durations(), self.switched)
+        frames = torch.cat([frames for frames, _ in self.parts])
+        return BlockOutput(self.index, frames, self.latents, self.clock.durations(), self.switched)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -320,9 +338,11 @@ class GenerationSession:
     def launch_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None
                      ) -> PendingBlock:
         """Queue the device work of the next block, free of host syncs; `result()` of the answer waits for its
-        frames. A caller may queue the next block before it waits, so that the device never idles between
-        blocks. (Running the VAE decode on a second stream beside the next block's DiT steps was measured on an
-        H200: both are GPU-bound, and the services lost 5 FPS.)
+        frames (`wait_part` for each latent's). A caller may queue the next block before it waits, so that the
+        device never idles between blocks. The frames are queued before the cache update (same stream: the next
+        block still sees the updated caches), so that they do not wait for it. (Running the VAE decode on a
+        second stream beside the next block's DiT steps was measured on an H200: both are GPU-bound, and the
+        services lost 5 FPS.)
 
         `cond_concat` and `action`: the block's conditioning where the model takes them (Matrix-Game-2), None
         where it does not (text-to-video)."""
@@ -347,15 +367,25 @@ class GenerationSession:
                 self.next_context = None
                 if switched:  # (before anything is cached, a switch only sets the context)
                     clock.mark("recache")
-            latents = self.denoiser.denoise(b, cond_concat, keyboard, mouse, clock=clock)
+            parts: list[tuple[torch.Tensor, int]] = []
+            latents = self.denoiser.denoise(b, cond_concat, keyboard, mouse, clock=clock,
+                                            before_cache_update=lambda x0: parts.extend(self._frames(x0, clock)))
+        self.block_index += 1
+        return PendingBlock(b, latents, parts, clock, switched)
+
+    def _frames(self, latents: torch.Tensor, clock: StageClock) -> list[tuple[torch.Tensor, int]]:
+        """Queue the VAE decode of a block's latents one at a time, each one's frames then copied to the host;
+        returns each latent's frames and the clock mark at which they are there."""
+        latents = latents.to(self.models.vae.conv2.weight.dtype)
+        parts = []
+        for i in range(latents.shape[2]):
             with record_function("vae_decode"):
-                video = self.vae.decode(latents.to(self.models.vae.conv2.weight.dtype))
+                video = self.vae.decode(latents[:, :, i:i + 1])
             clock.mark("vae_decode")
             with record_function("to_host"):
                 frames = video_to_uint8(video).to("cpu", non_blocking=True)
-            clock.mark("to_host")
-        self.block_index += 1
-        return PendingBlock(b, latents, frames, clock, switched)
+            parts.append((frames, clock.mark("to_host")))
+        return parts
 
     def _to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """Move host inputs to the model's device through pinned memory: an asynchronous copy (a copy from
