@@ -291,7 +291,7 @@ def test_continue_a_clip_in_the_browser(browser, longlive_stack, tmp_path):
 
 
 async def _switch_during(url: str, start: dict, switch: dict) -> dict:
-    """Starts a session, sends `switch` once its info came; returns the next message that is no block or pong."""
+    """Starts a session, sends `switch` once its info came; returns the next message but frames, blocks and pongs."""
     import aiohttp
 
     async with aiohttp.ClientSession() as http, http.ws_connect(url.replace("http", "ws") + "/ws") as ws:
@@ -300,7 +300,7 @@ async def _switch_during(url: str, start: dict, switch: dict) -> dict:
             assert message["type"] != "error", message
         await ws.send_json(switch)
         while (message := await ws.receive(timeout=60)).type != aiohttp.WSMsgType.TEXT or json.loads(
-                message.data)["type"] in ("block", "pong"):
+                message.data)["type"] in ("frames", "block", "pong"):
             pass
         return json.loads(message.data)
 

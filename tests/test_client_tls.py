@@ -144,14 +144,16 @@ def gateway_health(url: str) -> dict | None:
 
 
 async def first_block_through(url: str) -> list[str]:
-    """Starts a session on a tab WebSocket; the types of the messages up to its first block."""
+    """Starts a session on a tab WebSocket; the types of the JSON messages up to its first block (its first frames
+    come ahead of it, and play at once)."""
     import aiohttp
 
     types = []
     async with aiohttp.ClientSession() as http, http.ws_connect(url.replace("http", "ws") + "/ws") as ws:
         await ws.send_json({"type": "start", "image": {"demo": "countryside"}})
         while not types or types[-1] not in ("block", "error"):
-            types.append((await ws.receive_json(timeout=60))["type"])
+            if (message := await ws.receive(timeout=60)).type == aiohttp.WSMsgType.TEXT:
+                types.append(message.json()["type"])
     return types
 
 
@@ -166,7 +168,7 @@ def test_gateway_plays_through_a_mutual_tls_decoder(decoders, pki, tmp_path):
     try:
         wait_for(lambda: (gateway_health(url) or {}).get("decoder_status") == "SERVING", 60,
                  "the gateway to reach the decoder over mutual TLS")
-        assert asyncio.run(first_block_through(url)) == ["info", "block"]
+        assert asyncio.run(first_block_through(url)) == ["info", "frames", "frames", "block"]
     finally:
         gateway.terminate()
         gateway.wait(15)

@@ -144,7 +144,7 @@ def valid_starts(draw) -> session_pb2.StartSession:
                                                                     draw(st.sampled_from(["PNG", "JPEG"]))),
         seed=draw(st.integers(0, 2**64 - 1)), max_blocks=draw(st.integers(1, 3)),
         frame_encoding=draw(st.sampled_from([0, 1, 2])), jpeg_quality=draw(st.integers(0, 100)),
-        pacing=draw(st.sampled_from([0, 1, 2])))
+        pacing=draw(st.sampled_from([0, 1, 2])), whole_blocks=draw(st.booleans()))
 
 
 @st.composite
@@ -378,13 +378,22 @@ def check_responses(script: Script, outcome: Outcome) -> None:
     assert kinds[0] == "info" and "info" not in kinds[1:], kinds
     info = outcome.responses[0].info
     assert (info.height, info.width, info.mode) == (SERVED.video.height, SERVED.video.width, "universal")
-    blocks = [response.block for response in outcome.responses if response.WhichOneof("response") == "block"]
+    blocks, actions, frames = [], [], []  # each block's frames: its early ones (`block_frames`), then its `block`'s
+    for response in outcome.responses:
+        if (kind := response.WhichOneof("response")) in ("block_frames", "block"):
+            part = getattr(response, kind)
+            assert (part.block_index, part.first_frame) == (len(blocks), len(frames)), (kind, part.block_index,
+                                                                                         part.first_frame)
+            frames += part.frames
+            if kind == "block":
+                assert part.frame_count == len(part.frames)
+                blocks.append(frames)
+                actions.append(part.action)
+                frames = []
     assert len(blocks) <= info.max_blocks
     for index, block in enumerate(blocks):
-        assert block.block_index == index
-        assert block.frame_count == len(block.frames) == (info.first_block_frames if index == 0
-                                                          else info.block_frames)
-        for frame in block.frames:
+        assert len(block) == (info.first_block_frames if index == 0 else info.block_frames)
+        for frame in block:
             if info.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:
                 assert len(frame) == info.height * info.width * 3
             else:
@@ -396,7 +405,7 @@ def check_responses(script: Script, outcome: Outcome) -> None:
     else:
         assert outcome.code != Code.OK, "a call ended OK without `end`"
     if script.valid and script.lockstep:
-        assert [block.action for block in blocks] == script.actions, (
+        assert actions == script.actions, (
             f"blocks do not echo the actions sent: {len(blocks)} blocks for {len(script.actions)} actions, "
             f"{session_pb2.Pacing.Name(info.pacing)}, responses {kinds}")
 

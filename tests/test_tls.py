@@ -144,7 +144,7 @@ def test_session_over_tls_through_a_mutual_tls_encoder(secure):
     with channel(secure.address, secure.tls()) as ch:
         responses = list(session_pb2_grpc.WorldSessionServiceStub(ch).Session(iter(requests), timeout=120))
     kinds = [response.WhichOneof("response") for response in responses]
-    assert kinds == ["info", "block", "block", "end"]
+    assert kinds == ["info", *["block_frames", "block_frames", "block"] * 2, "end"]
     assert responses[-1].end.reason == session_pb2.END_REASON_MAX_BLOCKS
 
 

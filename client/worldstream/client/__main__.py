@@ -124,11 +124,12 @@ class Progress:
         self.total = total
         self.started_at = started_at
         self.frames_after_first = 0
-        self.first_at: float | None = None
+        self.first_at: float | None = None  # block 0's arrival (the FPS counts from there)
+        self.first_frames_at = math.nan  # its first frames' arrival
 
     def update(self, block: ReceivedBlock) -> None:
         if self.first_at is None:
-            self.first_at = block.received_at
+            self.first_at, self.first_frames_at = block.received_at, block.first_frames_at
         else:
             self.frames_after_first += block.frames.shape[0]
         done = block.index + 1
@@ -136,7 +137,7 @@ class Progress:
         fps = self.frames_after_first / span if span > 0 else math.nan
         bar = "#" * (20 * done // self.total) + "." * (20 - 20 * done // self.total)
         sys.stderr.write(f"\r[{bar}] {done}/{self.total} blocks | block {block.latency * 1000:6.0f} ms | "
-                         f"first frame {self.first_at - self.started_at:5.2f} s | {fps:5.1f} FPS ")
+                         f"first frame {self.first_frames_at - self.started_at:5.2f} s | {fps:5.1f} FPS ")
         sys.stderr.flush()
 
 

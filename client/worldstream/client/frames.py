@@ -18,9 +18,10 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         raise ValueError(f"frame bytes ({len(data)} B): not a decodable JPEG ({e})") from None
 
 
-def decode_frames(block: session_pb2.BlockChunk | session_pb2.VideoFrames, info: session_pb2.SessionInfo,
-                  where: str | None = None) -> np.ndarray:
-    """The frames of a block (or of a `video_frames` response, named by `where`) as uint8 [T, H, W, 3]."""
+def decode_frames(block: session_pb2.BlockChunk | session_pb2.BlockFrames | session_pb2.VideoFrames,
+                  info: session_pb2.SessionInfo, where: str | None = None) -> np.ndarray:
+    """The frames of a `block` or `block_frames` response (or of a `video_frames` one, named by `where`) as uint8
+    [T, H, W, 3]."""
     where = where or f"block {block.block_index}"
     shape = (info.height, info.width, 3)
     if info.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:

@@ -11,6 +11,10 @@
 `SessionStream` is the lower-level handle: it learns the session's mode, action space, block layout and frame
 size from the server's `SessionInfo` (`info`, `space`, `layout`), so callers can plan actions once it is open
 (`play`) or decide them on the fly (interactive play).
+
+The server sends a block's first frames as they are generated (`block_frames`, a latent's frames each), then the
+block with the rest; the stream assembles them into whole blocks (`ReceivedBlock`), and `on_frames` sees each run of
+frames as it arrives (a live display).
 """
 from __future__ import annotations
 
@@ -46,8 +50,9 @@ class ReceivedBlock:
     action: BlockAction | None  # the action the server applied (from its echo); None for text-to-video
     stage_seconds: dict[str, float]  # server-side stages
     latency: float  # seconds from sending this block's action (or the previous block, REALTIME) to receiving it
-    received_at: float  # time.perf_counter() on arrival
-    wire_bytes: int
+    received_at: float  # time.perf_counter() on arrival (of its last frames)
+    first_frames_at: float  # time.perf_counter() when its first frames arrived (early, or with the block)
+    wire_bytes: int  # of its responses (its early frames' and its own)
     switched: session_pb2.PromptSwitched | None = None  # the prompt switch that took effect at this block
 
 
@@ -75,7 +80,7 @@ class SessionResult:
 
     @property
     def time_to_first_frame(self) -> float:
-        return self.blocks[0].received_at - self.started_at if self.blocks else float("nan")
+        return self.blocks[0].first_frames_at - self.started_at if self.blocks else float("nan")
 
     @property
     def elapsed(self) -> float:
@@ -123,12 +128,18 @@ def video_bytes(video: str | os.PathLike | bytes) -> bytes:
 _HALF_CLOSE = object()
 
 
+FramesCallback = Callable[[int, int, np.ndarray], None]
+
+
 class SessionStream:
     """One open session. Send actions with `send`, iterate to receive blocks, `finish` to say no more actions.
-    RPC failures surface as grpc.RpcError (with the server's status code and message) while iterating."""
+    RPC failures surface as grpc.RpcError (with the server's status code and message) while iterating.
+    `on_frames(block index, index in the block of the first frame, frames uint8 [t, H, W, 3])` is called, while
+    iterating, with each run of a block's frames as it arrives, before the block is complete."""
 
     def __init__(self, address: str, start: session_pb2.StartSession, timeout: float | None = None,
-                 connect_timeout: float = 10.0, tls: ChannelTLS | None = None):
+                 connect_timeout: float = 10.0, tls: ChannelTLS | None = None, on_frames: FramesCallback | None = None):
+        self.on_frames = on_frames
         self._channel = open_channel(address, tls, [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)],
                                      aio=False)
         self._requests: queue.Queue = queue.Queue()
@@ -161,6 +172,10 @@ class SessionStream:
         self._last_arrival = time.perf_counter()
         self._video_frames: list[np.ndarray] = []  # chunks of the clip's reconstruction (`video_frames`)
         self._switched: session_pb2.PromptSwitched | None = None  # announced for the next block
+        self._early: list[np.ndarray] = []  # frames of the next block that came before it (`block_frames`)
+        self._early_block: int | None = None  # ... its index
+        self._early_at = 0.0  # ... when the first of them arrived
+        self._early_bytes = 0
 
     def _request_stream(self) -> Iterator[session_pb2.SessionRequest]:
         while True:
@@ -217,6 +232,8 @@ class SessionStream:
                 self._switched = response.prompt_switched
             elif kind == "video_frames":
                 self._add_video_frames(response.video_frames)
+            elif kind == "block_frames":
+                self._add_block_frames(response)
             elif kind == "block":
                 yield self._received(response)
             else:
@@ -228,9 +245,35 @@ class SessionStream:
             raise RuntimeError(f"video frames from {chunk.first_frame} after {received} frames")
         self._video_frames.append(decode_frames(chunk, self.info, f"video frames from {chunk.first_frame}"))
 
+    def _add_block_frames(self, response: session_pb2.SessionResponse) -> None:
+        now, part = time.perf_counter(), response.block_frames
+        if self._early_block is None:
+            self._early_block, self._early_at = part.block_index, now
+        self._check_frames_follow(part.block_index, part.first_frame, "block frames")
+        frames = decode_frames(part, self.info, f"block {part.block_index} from frame {part.first_frame}")
+        self._early.append(frames)
+        self._early_bytes += response.ByteSize()
+        if self.on_frames is not None:
+            self.on_frames(part.block_index, part.first_frame, frames)
+
+    def _check_frames_follow(self, block_index: int, first_frame: int, what: str) -> None:
+        """Frames of a block continue those that came before it (none: from frame 0 of any block)."""
+        received = sum(len(frames) for frames in self._early)
+        if (self._early_block is not None and block_index != self._early_block) or first_frame != received:
+            before = f"{received} frames of block {self._early_block}" if self._early else "no frames"
+            raise RuntimeError(f"{what} of block {block_index} from frame {first_frame} came after {before}")
+
     def _received(self, response: session_pb2.SessionResponse) -> ReceivedBlock:
         now = time.perf_counter()
         block = response.block
+        self._check_frames_follow(block.block_index, block.first_frame, "the block")
+        frames = decode_frames(block, self.info)
+        if self.on_frames is not None:
+            self.on_frames(block.block_index, block.first_frame, frames)
+        first_frames_at = self._early_at if self._early else now
+        frames = np.concatenate([*self._early, frames]) if self._early else frames
+        wire_bytes = self._early_bytes + response.ByteSize()
+        self._early, self._early_block, self._early_bytes = [], None, 0
         if self.lockstep and block.block_index < len(self.sent_at):
             latency = now - self.sent_at[block.block_index]
         else:
@@ -240,8 +283,8 @@ class SessionStream:
         if switched is not None and switched.block_index != block.block_index:
             raise RuntimeError(f"a prompt switch announced for block {switched.block_index} came before block "
                                f"{block.block_index}")
-        return ReceivedBlock(block.block_index, decode_frames(block, self.info), self.applied_action(block),
-                             dict(block.stage_seconds), latency, now, response.ByteSize(), switched)
+        return ReceivedBlock(block.block_index, frames, self.applied_action(block), dict(block.stage_seconds),
+                             latency, now, first_frames_at, wire_bytes, switched)
 
     def applied_action(self, block: session_pb2.BlockChunk) -> BlockAction | None:
         if self.space is None:
@@ -304,14 +347,16 @@ class SessionStream:
 def start_request(image: str | os.PathLike | bytes | Image.Image | None, mode: str = "", *, prompt: str = "",
                   seed: int = 0, max_blocks: int = 0, frame_encoding: str = "jpeg", jpeg_quality: int = 0,
                   pacing: str = "lockstep", video: str | os.PathLike | bytes | None = None,
-                  video_prompt: str = "") -> session_pb2.StartSession:
+                  video_prompt: str = "", whole_blocks: bool = False) -> session_pb2.StartSession:
     """A start request from an image or (text-to-video servers, `image` None) a prompt, optionally continuing a
     `video` (a file or its bytes) that `video_prompt` describes; `mode` empty: whatever the server runs (the
-    session's `info` says which)."""
+    session's `info` says which). `whole_blocks`: the server sends each block's frames at once, when all are
+    generated (not a latent's frames as each is)."""
     return session_pb2.StartSession(mode=mode, image=b"" if image is None else image_bytes(image), prompt=prompt,
                                     seed=seed, max_blocks=max_blocks, frame_encoding=FRAME_ENCODINGS[frame_encoding],
                                     jpeg_quality=jpeg_quality, pacing=PACINGS[pacing],
-                                    video=b"" if video is None else video_bytes(video), video_prompt=video_prompt)
+                                    video=b"" if video is None else video_bytes(video), video_prompt=video_prompt,
+                                    whole_blocks=whole_blocks)
 
 
 def run_session(address: str, image: str | os.PathLike | bytes | Image.Image | None,
@@ -320,15 +365,16 @@ def run_session(address: str, image: str | os.PathLike | bytes | Image.Image | N
                 pacing: str = "lockstep", window: int = 2, timeout: float | None = None,
                 on_block: Callable[[ReceivedBlock, SessionStream], None] | None = None,
                 tls: ChannelTLS | None = None, switches: Sequence[tuple[int, str]] = (),
-                video: str | os.PathLike | bytes | None = None, video_prompt: str = "") -> SessionResult:
+                video: str | os.PathLike | bytes | None = None, video_prompt: str = "", whole_blocks: bool = False,
+                on_frames: FramesCallback | None = None) -> SessionResult:
     """Run a whole session: one block per action (`max_blocks` defaults to len(actions)); see
     `SessionStream.play`; text-to-video: `prompt` instead of an image, and empty `Action()`s; LongLive:
     `switches` ((block, prompt) pairs), and a `video` to continue with its `video_prompt`. `tls`: reach the
-    server over TLS. Raises grpc.RpcError with the server's status on failure, ConnectionError when no server
-    answers."""
+    server over TLS; `whole_blocks` and `on_frames`: see `start_request` and `SessionStream`. Raises
+    grpc.RpcError with the server's status on failure, ConnectionError when no server answers."""
     start = start_request(image, mode, prompt=prompt, seed=seed,
                           max_blocks=len(actions) if max_blocks is None else max_blocks,
                           frame_encoding=frame_encoding, jpeg_quality=jpeg_quality, pacing=pacing, video=video,
-                          video_prompt=video_prompt)
-    with SessionStream(address, start, timeout=timeout, tls=tls) as stream:
+                          video_prompt=video_prompt, whole_blocks=whole_blocks)
+    with SessionStream(address, start, timeout=timeout, tls=tls, on_frames=on_frames) as stream:
         return stream.play(actions, window=window, on_block=on_block, switches=switches)

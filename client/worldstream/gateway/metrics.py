@@ -25,8 +25,10 @@ class GatewayMetrics:
                                       registry=self.registry)
         self.errors = Counter(name("errors"), "Errors shown to pages, by code", ["code"], registry=self.registry)
         self.block_receive_delay = Histogram(
-            name("block_receive_delay_seconds"), "Decoder's BlockChunk.send_time to the block's arrival here",
+            name("block_receive_delay_seconds"), "Decoder's send_time of a block (BlockChunk) or of its early frames "
+            "(BlockFrames) to their arrival here",
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.paint_latency = Histogram(
-            name("paint_latency_seconds"), "Decoder's BlockChunk.send_time to the frame painted in the page "
-            "(reported by the pages)", ["transport"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            name("paint_latency_seconds"), "Decoder's send_time of the message that carried a frame to the frame "
+            "painted in the page (reported by the pages)", ["transport"], buckets=LATENCY_BUCKETS,
+            registry=self.registry)

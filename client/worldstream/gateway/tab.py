@@ -13,8 +13,9 @@ Page -> gateway (JSON text messages):
     {"type": "stop"}
     {"type": "ping", "t": MS}                        clock offset for the latency readout
     {"type": "stats", "paint_latency": [SECONDS...]} the page's latency samples, for the gateway's metrics
-Gateway -> page: JSON {"type": "info" | "answer" | "clip" | "block" | "switched" | "sent" | "end" | "error" | "pong",
-...} ("clip": frames of the clip's reconstruction, before block 0),
+Gateway -> page: JSON {"type": "info" | "answer" | "clip" | "frames" | "block" | "switched" | "sent" | "end" | "error"
+| "pong", ...} ("clip": frames of the clip's reconstruction, before block 0; "frames": a block's first frames, relayed
+as the decoder sends them ahead of the block; "block": the block's last frames and its action echo),
 and one binary message per frame on the JPEG transport (`transports.FRAME_HEADER`, then the JPEG file).
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ class LiveSession:
         self.layout: BlockLayout | None = None
         self.info: session_pb2.SessionInfo | None = None
         self.blocks_requested = 0  # text sessions: empty actions sent
+        self.unrecorded: list[np.ndarray] = []  # a block's early frames, recorded with its action once it comes
         self.end: session_pb2.SessionEnd | None = None
 
     async def run(self) -> None:
@@ -196,32 +198,43 @@ class LiveSession:
                         else None
                     await self.tab.send({"type": "clip", "first_frame": clip.first_frame, "first_seq": seq,
                                          "frames": len(clip.frames), "total_frames": clip.total_frames})
-                    seq = clip_frames = await self._queue(playout, seq, CLIP_BLOCK, clip.frames, pixels, None)
+                    seq = clip_frames = await self._queue(playout, seq, CLIP_BLOCK, clip.frames, pixels, None, True)
                     continue
-                if kind != "block":
+                if kind not in ("block_frames", "block"):
                     raise PageError("decoder_protocol", f"the decoder sent `{kind}` in the middle of a session")
-                block = response.block
+                # A block's first frames come ahead of it (`block_frames`): on to the page at once
+                early = kind == "block_frames"
+                block = response.block_frames if early else response.block
                 received = now_ms()
                 self.gateway.metrics.block_receive_delay.observe(max(0.0, received - millis(block.send_time)) / 1e3)
-                action = None if self.mapper is None else parse_action(
+                action = None if self.mapper is None or early else parse_action(
                     block.action, self.mapper.space, self.layout, block.block_index if block.action.frames else None,
                     f"echo of block {block.block_index}")
-                pixels = await loop.run_in_executor(None, decode_frames, block, info) if needs_pixels else None
-                await self.tab.send({
-                    "type": "block", "index": block.block_index, "first_seq": seq, "frames": len(block.frames),
-                    "send_time": millis(block.send_time), "received": received,
-                    "echo": None if action is None else self.mapper.echo(action)})
-                seq = await self._queue(playout, seq, block.block_index, block.frames, pixels, action)
-                if self.mapper is None:  # its frames are queued: request the next block
+                where = f"block {block.block_index} from frame {block.first_frame}"
+                pixels = await loop.run_in_executor(None, decode_frames, block, info, where) if needs_pixels else None
+                message = {"type": "frames" if early else "block", "index": block.block_index,
+                           "first_frame": block.first_frame, "first_seq": seq, "frames": len(block.frames),
+                           "send_time": millis(block.send_time), "received": received}
+                if not early:
+                    message["echo"] = None if action is None else self.mapper.echo(action)
+                await self.tab.send(message)
+                seq = await self._queue(playout, seq, block.block_index, block.frames, pixels, action, not early)
+                if self.mapper is None and not early:  # its frames are queued: request the next block
                     await self._request_block()
         finally:
             await playout.close()
 
     async def _queue(self, playout: Playout, seq: int, block: int, jpegs, pixels: np.ndarray | None,
-                     action: BlockAction | None) -> int:
-        """Frames from `seq` on -> the recording and the playout; returns the next frame's seq."""
+                     action: BlockAction | None, complete: bool) -> int:
+        """Frames from `seq` on -> the recording and the playout; returns the next frame's seq. `complete`: the
+        last frames of a block (or clip frames); a block's earlier frames are recorded with them, under its
+        action."""
         if self.recording is not None:
-            self.recording.write(pixels, action)
+            self.unrecorded.append(pixels)
+            if complete:
+                for frames in self.unrecorded:
+                    self.recording.write(frames, action)
+                self.unrecorded.clear()
         for i, jpeg in enumerate(jpegs):
             await playout.put(Frame(seq + i, block, jpeg, None if pixels is None else pixels[i]))
         return seq + len(jpegs)

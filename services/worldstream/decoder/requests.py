@@ -144,6 +144,7 @@ class StartOptions:
     frame_encoding: int
     jpeg_quality: int
     pacing: int
+    whole_blocks: bool  # one BlockChunk per block with all its frames (no BlockFrames before it)
 
 
 def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
@@ -170,7 +171,8 @@ def parse_start(raw: bytes, models: DecoderModels) -> StartOptions:
     pacing = start.pacing or session_pb2.PACING_LOCKSTEP
     if pacing not in (session_pb2.PACING_LOCKSTEP, session_pb2.PACING_REALTIME):
         raise ServiceError(_INVALID, f"unknown pacing {start.pacing}; use LOCKSTEP or REALTIME")
-    return StartOptions(mode, image, prompt, video, video_prompt, start.seed, max_blocks, encoding, quality, pacing)
+    return StartOptions(mode, image, prompt, video, video_prompt, start.seed, max_blocks, encoding, quality, pacing,
+                        start.whole_blocks)
 
 
 def check_prompt_field(prompt: str, where: str) -> None:

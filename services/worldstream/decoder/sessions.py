@@ -5,7 +5,9 @@ Per session three coroutines run on the event loop: a reader (client messages ->
 block loop: action, condition, `launch_block` on the session's own worker thread) and the deliverer (frame
 encoding on a shared thread pool, then writing to the client). The producer queues block b+1 on the device before
 it waits for block b's frames when b+1's inputs are there, and runs it while block b is being encoded and sent; a
-bounded queue between them keeps at most `OUTBOX_BLOCKS` finished blocks in memory.
+bounded queue between them keeps at most `OUTBOX_BLOCKS` blocks in memory. A block's frames reach the host latent
+by latent: the deliverer sends each latent's but the last as `block_frames` at once, then the `block` (unless the
+client asked for `whole_blocks`).
 
 Prompt switches (LongLive): each `switch_prompt` opens its own Encode call at once; the block it is due at (the
 block of the next action, LOCKSTEP; the first block to start once it is encoded, REALTIME) switches to it, waiting
@@ -144,13 +146,21 @@ class _Queued:
 
 @dataclass
 class _Finished:
-    """A generated block on its way to the client."""
+    """A generated block, all its frames on the host."""
     output: BlockOutput
     taken: TakenAction
     stage_seconds: dict[str, float]
     start_time: Timestamp
     generated_time: Timestamp
-    switched: session_pb2.PromptSwitched | None = None  # the prompt switch that took effect at this block
+
+
+@dataclass
+class _Outgoing:
+    """A block on its way to the client, from when the block loop starts waiting for its frames: the frames of
+    its latents that are sent early (`parts`, uint8 [t, H, W, 3] each), as they reach the host, then the block."""
+    index: int
+    switched: session_pb2.PromptSwitched | None  # the prompt switch that took effect at this block
+    parts: asyncio.Queue[torch.Tensor | _Finished] = dataclasses.field(default_factory=asyncio.Queue)
 
 
 class SessionManager:
@@ -218,8 +228,9 @@ class Session:
         self.generation: GenerationSession | None = None
         self.profiler: torch.profiler.profile | None = None
         # blocks, the end, and first a continued clip's reconstruction (uint8 [T, H, W, 3])
-        self.outbox: asyncio.Queue[_Finished | session_pb2.SessionEnd | torch.Tensor] = asyncio.Queue(OUTBOX_BLOCKS)
+        self.outbox: asyncio.Queue[_Outgoing | session_pb2.SessionEnd | torch.Tensor] = asyncio.Queue(OUTBOX_BLOCKS)
         self.blocks_sent = 0
+        self.frames_sent = False  # whether generated frames were sent (the first: time to first frame)
         self.ending = asyncio.Event()  # `end` is on its way: the call ends with OK whatever the client sends now
 
     def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -438,10 +449,17 @@ class Session:
         await self.outbox.put(self._end(None))
 
     async def _finish(self, queued: _Queued) -> None:
-        """Wait for a queued block's frames (on the session's worker) and hand the block to the deliverer."""
-        output = await self.lane.run(queued.pending.result)
-        await self.outbox.put(_Finished(output, queued.taken, {**queued.stages, **output.timings},
-                                        queued.start_time, now_timestamp(), queued.switched))
+        """Hand a queued block to the deliverer (once the outbox has room), then wait for its frames on the
+        session's worker: each latent's but the last as they reach the host (none with `whole_blocks`), then the
+        whole block."""
+        pending = queued.pending
+        outgoing = _Outgoing(pending.index, queued.switched)
+        await self.outbox.put(outgoing)
+        for part in range(0 if self.options.whole_blocks else pending.part_count - 1):
+            outgoing.parts.put_nowait(await self.lane.run(pending.wait_part, part))
+        output = await self.lane.run(pending.result)
+        outgoing.parts.put_nowait(_Finished(output, queued.taken, {**queued.stages, **output.timings},
+                                            queued.start_time, now_timestamp()))
 
     def _due_switch(self) -> asyncio.Task | None:
         """REALTIME: the switch not yet applied, once its prompt is encoded."""
@@ -462,7 +480,6 @@ class Session:
         return session_pb2.SessionEnd(reason=reason, detail=detail)
 
     async def _deliver(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             item = await self.outbox.get()
             if isinstance(item, torch.Tensor):
@@ -474,29 +491,52 @@ class Session:
                 await self._send(session_pb2.SessionResponse(end=item))
                 self._log("session ended", reason=session_pb2.EndReason.Name(item.reason), blocks=self.blocks_sent)
                 return
-            if item.switched is not None:
-                await self._send(session_pb2.SessionResponse(prompt_switched=item.switched))
-            encode_started = time.perf_counter()
-            frames = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames, item.output.frames)
-            item.stage_seconds["frame_encode"] = time.perf_counter() - encode_started
-            block = session_pb2.BlockChunk(
-                block_index=item.output.index, frame_count=len(frames), frames=frames, action=item.taken.message,
-                stage_seconds=item.stage_seconds, action_time=item.taken.taken_at, start_time=item.start_time,
-                generated_time=item.generated_time, send_time=now_timestamp())
-            await self._send(session_pb2.SessionResponse(block=block))
-            self.blocks_sent += 1
-            self.metrics.blocks_served.inc()
-            for stage, seconds in item.stage_seconds.items():
-                self.metrics.block_stage_seconds.labels(stage=stage).observe(seconds)
-            if self.blocks_sent == 1:
-                self.metrics.time_to_first_frame_seconds.observe(time.perf_counter() - self.received)
+            await self._send_block(item)
+
+    async def _send_block(self, block: _Outgoing) -> None:
+        """A block's early frames (`block_frames`) as they come, then its `block` with the rest."""
+        if block.switched is not None:
+            await self._send(session_pb2.SessionResponse(prompt_switched=block.switched))
+        sent, encode_seconds = 0, 0.0
+        while not isinstance(part := await block.parts.get(), _Finished):
+            frames, seconds = await self._encoded(part)
+            encode_seconds += seconds
+            await self._send(session_pb2.SessionResponse(block_frames=session_pb2.BlockFrames(
+                block_index=block.index, first_frame=sent, frames=frames, send_time=now_timestamp())))
+            self._sent_frames()
+            sent += len(frames)
+        finished = part
+        frames, seconds = await self._encoded(finished.output.frames[sent:])
+        finished.stage_seconds["frame_encode"] = encode_seconds + seconds
+        chunk = session_pb2.BlockChunk(
+            block_index=block.index, frame_count=len(frames), frames=frames, action=finished.taken.message,
+            stage_seconds=finished.stage_seconds, action_time=finished.taken.taken_at,
+            start_time=finished.start_time, generated_time=finished.generated_time, send_time=now_timestamp(),
+            first_frame=sent)
+        await self._send(session_pb2.SessionResponse(block=chunk))
+        self._sent_frames()
+        self.blocks_sent += 1
+        self.metrics.blocks_served.inc()
+        for stage, seconds in finished.stage_seconds.items():
+            self.metrics.block_stage_seconds.labels(stage=stage).observe(seconds)
+
+    def _sent_frames(self) -> None:
+        if not self.frames_sent:
+            self.frames_sent = True
+            self.metrics.time_to_first_frame_seconds.observe(time.perf_counter() - self.received)
+
+    async def _encoded(self, frames: torch.Tensor) -> tuple[list[bytes], float]:
+        """`frames` encoded on the shared frame pool, and the seconds that took."""
+        started = time.perf_counter()
+        encoded = await asyncio.get_running_loop().run_in_executor(self.manager.frame_pool, self._encode_frames,
+                                                                   frames)
+        return encoded, time.perf_counter() - started
 
     async def _send_video_frames(self, frames: torch.Tensor) -> None:
         """A continued clip's reconstruction, in messages of a block's frames at most."""
-        loop, total, per_message = asyncio.get_running_loop(), frames.shape[0], self.models.layout.block_frames
+        total, per_message = frames.shape[0], self.models.layout.block_frames
         for first in range(0, total, per_message):
-            encoded = await loop.run_in_executor(self.manager.frame_pool, self._encode_frames,
-                                                 frames[first:first + per_message])
+            encoded, _ = await self._encoded(frames[first:first + per_message])
             await self._send(session_pb2.SessionResponse(video_frames=session_pb2.VideoFrames(
                 first_frame=first, frames=encoded, total_frames=total)))
 

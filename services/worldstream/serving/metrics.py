@@ -36,7 +36,7 @@ class ServiceMetrics:
             "once frames are cached (after block 0, or with a continued clip) re-caches the attention window: the "
             "\"recache\" stage of block_stage_seconds", **common)
         self.time_to_first_frame_seconds = Histogram(
-            "time_to_first_frame_seconds", "From the start request to the first block handed to the transport",
+            "time_to_first_frame_seconds", "From the start request to the first frames handed to the transport",
             buckets=_LATENCY_BUCKETS, **common)
         self.bytes_sent = Counter("bytes_sent", "Serialized bytes of response messages", **common)
         self.bytes_received = Counter("bytes_received", "Serialized bytes of request messages", **common)

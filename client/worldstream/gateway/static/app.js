@@ -92,6 +92,7 @@ function onMessage(message) {
     case "info": onInfo(message); break;
     case "answer": session?.pc?.setRemoteDescription({ type: "answer", sdp: message.sdp })
       .catch((e) => showError(`WebRTC: ${e.message}`)); break;
+    case "frames": onFrames(message); break;
     case "block": onBlock(message); break;
     case "clip": onClip(message); break;
     case "sent": session?.sent.set(message.seq, message.t); break;
@@ -167,14 +168,20 @@ function lookName([pitch, yaw]) {
   return pitch > 0 ? "up" : pitch < 0 ? "down" : yaw < 0 ? "left" : "right";
 }
 
+// A block's last frames, with its action echo; its first frames came ahead of it ("frames").
 function onBlock(block) {
   if (!session) return;
   session.blocks.set(block.index, block);
-  session.blockBySeq.push(block);
   stats.blocks += 1;
+  onFrames(block);
+}
+
+function onFrames(frames) {
+  if (!session) return;
+  session.blockBySeq.push(frames);
   if (session.blockBySeq.length > 64) {
     const old = session.blockBySeq.shift();
-    session.blocks.delete(old.index);
+    if (old === session.blocks.get(old.index)) session.blocks.delete(old.index);
   }
 }
 
@@ -285,7 +292,7 @@ function painted(seq, paintPerf) {
   } else if (block) {
     const paint = performance.timeOrigin + paintPerf + clockOffset; // gateway clock
     const sample = {
-      seq, block: block.index, first: seq === block.first_seq, transport: session.info.transport,
+      seq, block: block.index, first: seq === block.first_seq && !block.first_frame, transport: session.info.transport,
       latency: paint - block.send_time, to_gateway: block.received - block.send_time,
       sent: session.sent.has(seq) ? session.sent.get(seq) - block.received : null,
       to_page: session.sent.has(seq) ? paint - session.sent.get(seq) : null,
@@ -296,9 +303,14 @@ function painted(seq, paintPerf) {
     session.unreported.push(Math.max(0, sample.latency) / 1000);
     if (block.index !== session.shownBlock) {
       session.shownBlock = block.index;
-      if (block.echo) showEcho(block.echo);
+      session.echoShown = false;
       if (session.switches.has(block.index)) showSwitch(session.switches.get(block.index));
       ui.blockIndex.textContent = String(block.index);
+    }
+    const whole = session.blocks.get(block.index); // the echo comes with the block's last frames
+    if (!session.echoShown && whole) {
+      session.echoShown = true;
+      if (whole.echo) showEcho(whole.echo);
     }
   }
   session.sent.delete(seq - 64);
@@ -490,7 +502,7 @@ async function start() {
       : { image: chosen.image ?? { name: upload.name, data: await base64(upload.file) } };
     session = {
       info: null, keys: null, blocks: new Map(), blockBySeq: [], sent: new Map(), drawnSeq: -1, anchor: null,
-      paintTimes: [], latencies: [], unreported: [], shownBlock: null, pc: null, switches: new Map(),
+      paintTimes: [], latencies: [], unreported: [], shownBlock: null, echoShown: false, pc: null, switches: new Map(),
     };
     Object.assign(stats, { frames: 0, samples: [], blocks: 0, bytes: 0, ended: null, switches: [], clip: null,
                            phases: [] });
