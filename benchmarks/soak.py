@@ -113,7 +113,7 @@ def run_session(address: str, client: int, rng: random.Random, args: argparse.Na
                 for block in stream:
                     record.blocks += 1
                     if record.blocks == 1:
-                        record.first_frame_s = block.received_at - stream.started_at
+                        record.first_frame_s = block.first_frames_at - stream.started_at
                     if record.blocks == cut:
                         break
                     send_upto(record.blocks + 2)
