@@ -22,6 +22,7 @@ from worldstream.client.video import VideoWriter
 from worldstream.engine.clips import conditioning_pixel_frames, decode_clip
 from worldstream.engine.config import load_config
 from worldstream.encoder.client import VIDEO_CHUNK_BYTES
+from worldstream.decoder.sessions import MAX_PENDING_SWITCHES
 from worldstream.encoder.videos import MAX_CLIP_BYTES
 from worldstream.engine.generator import BlockOutput, DecoderModels
 from worldstream.v1 import encoder_pb2, encoder_pb2_grpc, session_pb2, session_pb2_grpc
@@ -122,10 +123,12 @@ def test_switching_session_equals_batch(services):
 
 
 def test_a_switch_before_block_0_replaces_the_prompt_and_the_last_one_wins(services):
-    """Two switches before the same block: the later one takes effect; before block 0 nothing is re-cached."""
+    """Several switches before the same block: the last one takes effect, each one it replaced gave up its place
+    among the waiting switches (more than MAX_PENDING_SWITCHES in all); before block 0 nothing is re-cached."""
     with SessionStream(services.address, start_request(None, prompt=PROMPTS[0], seed=SEED, max_blocks=1,
                                                        frame_encoding="raw")) as stream:
-        stream.switch_prompt(PROMPTS[1])
+        for _ in range(MAX_PENDING_SWITCHES + 1):
+            stream.switch_prompt(PROMPTS[1])
         stream.switch_prompt(PROMPTS[2])
         stream.send(EMPTY)
         stream.finish()

@@ -499,14 +499,14 @@ class Session:
             await self._send(session_pb2.SessionResponse(prompt_switched=block.switched))
         sent, encode_seconds = 0, 0.0
         while not isinstance(part := await block.parts.get(), _Finished):
-            frames, seconds = await self._encoded(part)
+            frames, seconds = await self._timed_encode(part)
             encode_seconds += seconds
             await self._send(session_pb2.SessionResponse(block_frames=session_pb2.BlockFrames(
                 block_index=block.index, first_frame=sent, frames=frames, send_time=now_timestamp())))
             self._sent_frames()
             sent += len(frames)
         finished = part
-        frames, seconds = await self._encoded(finished.output.frames[sent:])
+        frames, seconds = await self._timed_encode(finished.output.frames[sent:])
         finished.stage_seconds["frame_encode"] = encode_seconds + seconds
         chunk = session_pb2.BlockChunk(
             block_index=block.index, frame_count=len(frames), frames=frames, action=finished.taken.message,
@@ -525,7 +525,7 @@ class Session:
             self.frames_sent = True
             self.metrics.time_to_first_frame_seconds.observe(time.perf_counter() - self.received)
 
-    async def _encoded(self, frames: torch.Tensor) -> tuple[list[bytes], float]:
+    async def _timed_encode(self, frames: torch.Tensor) -> tuple[list[bytes], float]:
         """`frames` encoded on the shared frame pool, and the seconds that took."""
         started = time.perf_counter()
         encoded = await asyncio.get_running_loop().run_in_executor(self.manager.frame_pool, self._encode_frames,
@@ -536,7 +536,7 @@ class Session:
         """A continued clip's reconstruction, in messages of a block's frames at most."""
         total, per_message = frames.shape[0], self.models.layout.block_frames
         for first in range(0, total, per_message):
-            encoded, _ = await self._encoded(frames[first:first + per_message])
+            encoded, _ = await self._timed_encode(frames[first:first + per_message])
             await self._send(session_pb2.SessionResponse(video_frames=session_pb2.VideoFrames(
                 first_frame=first, frames=encoded, total_frames=total)))
 
