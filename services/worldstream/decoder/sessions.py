@@ -3,11 +3,12 @@ bookkeeping that frees a session's state however it ends.
 
 Per session three coroutines run on the event loop: a reader (client messages -> `ActionInbox`), a producer (the
 block loop: action, condition, `launch_block` on the session's own worker thread) and the deliverer (frame
-encoding on a shared thread pool, then writing to the client). The producer queues block b+1 on the device before
-it waits for block b's frames when b+1's inputs are there, and runs it while block b is being encoded and sent; a
-bounded queue between them keeps at most `OUTBOX_BLOCKS` blocks in memory. A block's frames reach the host latent
-by latent: the deliverer sends each latent's but the last as `block_frames` at once, then the `block` (unless the
-client asked for `whole_blocks`).
+encoding on a shared thread pool, then writing to the client). The producer queues block b+1 on the device as soon
+as its inputs are there, while block b still runs and is handed over (its frames are waited for on a second thread
+of the session, so the worker that queues blocks is never held by a wait); a bounded queue between producer and
+deliverer keeps at most `OUTBOX_BLOCKS` blocks in memory. A block's frames reach the host latent by latent: the
+deliverer sends each latent's but the last as `block_frames` at once, then the `block` (unless the client asked
+for `whole_blocks`).
 
 Prompt switches (LongLive): each `switch_prompt` opens its own Encode call at once; the block it is due at (the
 block of the next action, LOCKSTEP; the first block to start once it is encoded, REALTIME) switches to it, waiting
@@ -219,6 +220,7 @@ class Session:
         self.space = self.models.action_space  # None: text-to-video, whose actions are empty
         self.inbox = ActionInbox(options.pacing, self.space.idle_action() if self.space else None)
         self.lane = WorkerLane(f"session-{self.id[:8]}")
+        self.waiter = WorkerLane(f"frames-{self.id[:8]}")  # waits for the device's frames (CUDA events)
         self.spec = ConditionSpec.of(self.models)
         self.feed: ConditionFeed | None = None  # image sessions: the image's stream (prompts: `_prompt_context`)
         self.switch: asyncio.Task[PromptContext] | None = None  # REALTIME: the switch not yet applied
@@ -404,60 +406,62 @@ class Session:
             raise ServiceError(_INVALID, str(e)) from None
 
     async def _produce(self) -> None:
-        """The block loop. Block b is queued on the device before block b-1's frames are waited for when b's
-        inputs (action, condition) are already here, so that the device does not idle between blocks. An input
-        still to come is waited for only once b-1 is delivered, so a client that sends each action when it has
-        the frames before gets them."""
-        queued: _Queued | None = None
-        for b in range(self.options.max_blocks):
-            if queued is not None and not self.inbox.ready():
-                await self._finish(queued)
-                queued = None
-            waited = time.perf_counter()
-            taken = await self.inbox.take(self.manager.idle_timeout)
-            if isinstance(taken, str):
-                if queued is not None:
-                    await self._finish(queued)
-                await self.outbox.put(self._end(taken))
-                return
-            got_action = time.perf_counter()
-            per_block = self.feed is not None and self.feed.spec.per_block
-            switch = taken.switch if self.inbox.lockstep else self._due_switch()
-            if queued is not None and ((per_block and not self.feed.has_block(b)) or switch is not None):
-                await self._finish(queued)  # (before a switch's wait or failure: a switch block starts alone)
-                queued = None
-            conditions = time.perf_counter()
-            cond = await self.feed.block(b) if per_block else None
-            prompt = await switch if switch is not None else None  # its Encode call may still be running
-            self.pending.discard(switch)
-            self.blocks_started = b + 1
-            start_time, started = now_timestamp(), time.perf_counter()
-            pending = await self.lane.run(self._launch_block, cond, taken.action,
-                                          None if prompt is None else prompt.context)
-            switched = None
-            if prompt is not None:
-                self.switch_count += 1
-                self.metrics.prompt_switches.inc()
-                switched = session_pb2.PromptSwitched(block_index=b, switch_count=self.switch_count,
-                                                      prompt_tokens_dropped=prompt.tokens_dropped)
-            if queued is not None:
-                await self._finish(queued)
-            waits = {"action_wait": got_action - waited, "condition_wait": started - conditions}
-            queued = _Queued(pending, taken, waits, start_time, switched)
-        if queued is not None:
-            await self._finish(queued)
-        await self.outbox.put(self._end(None))
+        """The block loop. Block b is queued on the device as soon as its inputs (action, condition) are here,
+        while block b-1 may still run: b-1 goes to the deliverer meanwhile (`_finish`, a task that waits for its
+        frames off the session's worker), so the device does not idle between blocks whenever b's inputs come
+        before b-1 is done, and a client that sends each action once it has the frames before gets them. At most
+        two blocks are on the device: b is queued only after b-2 was handed over."""
+        finishing: asyncio.Future | None = None  # block b-1 on its way to the deliverer
+        try:
+            for b in range(self.options.max_blocks):
+                waited = time.perf_counter()
+                taken = await self.inbox.take(self.manager.idle_timeout)
+                if isinstance(taken, str):
+                    if finishing is not None:
+                        await finishing
+                    await self.outbox.put(self._end(taken))
+                    return
+                got_action = time.perf_counter()
+                per_block = self.feed is not None and self.feed.spec.per_block
+                switch = taken.switch if self.inbox.lockstep else self._due_switch()
+                if switch is not None and finishing is not None:
+                    await finishing  # (before a switch's wait or failure: a switch block starts alone)
+                    finishing = None
+                conditions = time.perf_counter()
+                cond = await self.feed.block(b) if per_block else None
+                prompt = await switch if switch is not None else None  # its Encode call may still be running
+                self.pending.discard(switch)
+                self.blocks_started = b + 1
+                start_time, started = now_timestamp(), time.perf_counter()
+                pending = await self.lane.run(self._launch_block, cond, taken.action,
+                                              None if prompt is None else prompt.context)
+                switched = None
+                if prompt is not None:
+                    self.switch_count += 1
+                    self.metrics.prompt_switches.inc()
+                    switched = session_pb2.PromptSwitched(block_index=b, switch_count=self.switch_count,
+                                                          prompt_tokens_dropped=prompt.tokens_dropped)
+                if finishing is not None:
+                    await finishing
+                waits = {"action_wait": got_action - waited, "condition_wait": started - conditions}
+                finishing = asyncio.ensure_future(self._finish(_Queued(pending, taken, waits, start_time, switched)))
+            if finishing is not None:
+                await finishing
+            await self.outbox.put(self._end(None))
+        finally:
+            if finishing is not None:
+                finishing.cancel()
 
     async def _finish(self, queued: _Queued) -> None:
         """Hand a queued block to the deliverer (once the outbox has room), then wait for its frames on the
-        session's worker: each latent's but the last as they reach the host (none with `whole_blocks`), then the
-        whole block."""
+        session's frame waiter (not its worker, which may be queuing the next block meanwhile): each latent's but
+        the last as they reach the host (none with `whole_blocks`), then the whole block."""
         pending = queued.pending
         outgoing = _Outgoing(pending.index, queued.switched)
         await self.outbox.put(outgoing)
         for part in range(0 if self.options.whole_blocks else pending.part_count - 1):
-            outgoing.parts.put_nowait(await self.lane.run(pending.wait_part, part))
-        output = await self.lane.run(pending.result)
+            outgoing.parts.put_nowait(await self.waiter.run(pending.wait_part, part))
+        output = await self.waiter.run(pending.result)
         outgoing.parts.put_nowait(_Finished(output, queued.taken, {**queued.stages, **output.timings},
                                             queued.start_time, now_timestamp()))
 
@@ -551,6 +555,7 @@ class Session:
             self.feed.close()
         for switch in list(self.pending):  # (the applied ones are done)
             switch.cancel()
+        self.waiter.close(lambda: None)
         await asyncio.shield(self.lane.close(self._free_device_state))
         self._log("session released", blocks=self.blocks_sent)
 
