@@ -18,6 +18,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO
+from worldstream.engine.config import load_config
+from worldstream.engine.encoder import EncoderModels
+from worldstream.engine.generator import DecoderModels
+from worldstream.media import load_image
 from worldstream.serving.processes import ServiceProcess, ServiceStack, free_port
 
 CONFIG = "mg2/universal_tiny"
@@ -46,6 +50,18 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (120, 200)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def engine_frames(image: bytes, actions, seed: int, overrides: list[str] = ()) -> list[np.ndarray]:
+    """The blocks the engine produces in one process for the services' config (`overrides`: the services'
+    `--set` arguments), image, seed and actions: what a session through both services must equal."""
+    cfg = load_config(CONFIG, [value for value in overrides if value != "--set"])
+    conditioning = EncoderModels.build(cfg).open_session(load_image(image))
+    session = DecoderModels.build(cfg).open_session(conditioning.visual_context, seed=seed, max_blocks=len(actions))
+    try:
+        return [session.run_block(conditioning.next_block(), action).frames.numpy() for action in actions]
+    finally:
+        session.close()
 
 
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:

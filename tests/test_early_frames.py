@@ -10,15 +10,11 @@ import grpc
 import numpy as np
 import pytest
 
-from service_harness import CONFIG, SMALL_FRAMES, metric_value, png_bytes, running_services
+from service_harness import SMALL_FRAMES, engine_frames, metric_value, png_bytes, running_services
 from worldstream.api.messages import action_message
 from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, run_session, start_request
 from worldstream.client.session import MAX_RECEIVE_BYTES
-from worldstream.engine.config import load_config
-from worldstream.engine.encoder import EncoderModels
-from worldstream.engine.generator import DecoderModels
-from worldstream.media import load_image
 from worldstream.v1 import session_pb2, session_pb2_grpc
 
 SEED = 321
@@ -42,17 +38,6 @@ def responses(address: str, start: session_pb2.StartSession) -> list[session_pb2
     requests += [session_pb2.SessionRequest(action=action_message(action)) for action in ACTIONS]
     with grpc.insecure_channel(address, [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as channel:
         return list(session_pb2_grpc.WorldSessionServiceStub(channel).Session(iter(requests), timeout=300))
-
-
-def engine_frames() -> list[np.ndarray]:
-    """The blocks the engine produces in-process for the services' config, image, seed and actions."""
-    cfg = load_config(CONFIG, [value for value in SMALL_FRAMES if value != "--set"])
-    conditioning = EncoderModels.build(cfg).open_session(load_image(IMAGE))
-    session = DecoderModels.build(cfg).open_session(conditioning.visual_context, seed=SEED, max_blocks=len(ACTIONS))
-    try:
-        return [session.run_block(conditioning.next_block(), action).frames.numpy() for action in ACTIONS]
-    finally:
-        session.close()
 
 
 def test_early_frames_come_before_their_block_in_order(services):
@@ -85,7 +70,7 @@ def test_client_assembles_the_blocks_of_whole_block_sessions_and_the_engine(serv
     whole = run_session(services.address, IMAGE, ACTIONS, seed=SEED, frame_encoding="raw", whole_blocks=True)
     assert seen == [(b, sum(parts[:i]), n) for b, parts in enumerate(BLOCK_PARTS) for i, n in enumerate(parts)]
     assert [b.frames.shape[0] for b in early.blocks] == [9, 12, 12]
-    for got, same, want in zip(early.blocks, whole.blocks, engine_frames()):
+    for got, same, want in zip(early.blocks, whole.blocks, engine_frames(IMAGE, ACTIONS, SEED, SMALL_FRAMES)):
         assert np.array_equal(got.frames, same.frames) and np.array_equal(got.frames, want), f"block {got.index}"
         assert got.first_frames_at < got.received_at and same.first_frames_at == same.received_at
         assert got.stage_seconds.keys() == same.stage_seconds.keys()

@@ -13,16 +13,13 @@ import av
 import numpy as np
 import pytest
 
-from service_harness import CONFIG, REPO, png_bytes, running_services
+from service_harness import CONFIG, REPO, engine_frames, png_bytes, running_services
 from worldstream.api.benchmark import benchmark_trajectory
 from worldstream.api.layout import BlockLayout
 from worldstream.api.spaces import get_action_space
 from worldstream.api.trajectory import split_track
 from worldstream.client import SessionStream, run_session, start_request
 from worldstream.engine.config import load_config
-from worldstream.engine.encoder import EncoderModels
-from worldstream.engine.generator import DecoderModels
-from worldstream.media import load_image
 from worldstream.v1 import session_pb2
 
 SEED = 1234
@@ -45,17 +42,6 @@ def reference_actions(n_blocks: int):
     return actions[:n_blocks]
 
 
-def batch_frames(actions, seed: int = SEED) -> list[np.ndarray]:
-    """What the engine produces in-process for the same config, image, seed and actions."""
-    cfg = load_config(CONFIG)
-    conditioning = EncoderModels.build(cfg).open_session(load_image(IMAGE))
-    session = DecoderModels.build(cfg).open_session(conditioning.visual_context, seed=seed, max_blocks=len(actions))
-    try:
-        return [session.run_block(conditioning.next_block(), action).frames.numpy() for action in actions]
-    finally:
-        session.close()
-
-
 def test_stream_equals_batch_engine(services):
     actions = reference_actions(3)
     result = run_session(services.address, IMAGE, actions, seed=SEED, frame_encoding="raw")  # the server's mode
@@ -71,7 +57,7 @@ def test_stream_equals_batch_engine(services):
         assert np.array_equal(block.action.rows(action.n_rows).keyboard, action.keyboard)
         assert {"action_wait", "condition_wait", "denoise", "vae_decode", "frame_encode"} <= set(block.stage_seconds)
 
-    expected = batch_frames(actions)
+    expected = engine_frames(IMAGE, actions, SEED)
     for b, (block, frames) in enumerate(zip(result.blocks, expected)):
         assert np.array_equal(block.frames, frames), f"block {b} differs from the in-process engine"
 
@@ -84,7 +70,7 @@ def test_concurrent_sessions_are_independent(services):
                                   frame_encoding="raw") for seed in (SEED + 1, SEED + 2)}
         results = {seed: run.result(timeout=300) for seed, run in runs.items()}
     for seed, result in results.items():
-        for b, (block, frames) in enumerate(zip(result.blocks, batch_frames(actions, seed))):
+        for b, (block, frames) in enumerate(zip(result.blocks, engine_frames(IMAGE, actions, seed))):
             assert np.array_equal(block.frames, frames), f"seed {seed}, block {b} differs from a session run alone"
     assert not np.array_equal(results[SEED + 1].frames, results[SEED + 2].frames)
 
