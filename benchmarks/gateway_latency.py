@@ -1,4 +1,5 @@
-"""The web gateway's added latency: a frame leaves the decoder (`BlockChunk.send_time`) -> painted in the page.
+"""The web gateway's added latency: a frame leaves the decoder (the `send_time` of the `BlockFrames` or `BlockChunk`
+that carried it) -> painted in the page.
 
     python benchmarks/gateway_latency.py --seconds 40 --transports jpeg webrtc --json out/gateway_latency.json
 
@@ -11,7 +12,7 @@ best WebSocket ping; the services and the gateway run on this machine, so their 
 Per transport it prints median, p10 and p90 over frames of:
 - decoder -> paint, first frames: the first frame of each block (pure transport: no playout wait);
 - decoder -> paint, all frames: includes the playout, which spaces a block's frames 1/fps apart;
-- decoder -> gateway: BlockChunk.send_time to the block's arrival at the gateway;
+- decoder -> gateway: the message's send_time to its arrival at the gateway;
 - playout wait: arrival at the gateway to the frame leaving it (WebRTC: taken by the encoder);
 - gateway -> paint: the frame leaving the gateway to painted;
 and frames painted per second while blocks flowed, the spread of paint intervals inside blocks, and the
@@ -99,16 +100,16 @@ def summarize(stats: dict, fps: int) -> dict:
     result = {name: spread([s[name] for s in samples if s[name] is not None]) for name in
               ("latency", "to_gateway", "sent", "to_page")}
     result["first"] = spread([s["latency"] for s in samples if s["first"]])
-    by_block: dict[int, list[dict]] = {}
+    by_message: dict[tuple[int, int], list[dict]] = {}
     for s in samples:
-        by_block.setdefault(s["block"], []).append(s)
-    # Paint intervals between consecutive frames of a block (same send_time: the latency difference); the
+        by_message.setdefault((s["block"], s["part"]), []).append(s)
+    # Paint intervals between consecutive frames of one message (one send_time: the latency difference); the
     # playout aims at 1000 / fps.
-    result["interval"] = spread([b["latency"] - a["latency"] for block in by_block.values()
+    result["interval"] = spread([b["latency"] - a["latency"] for block in by_message.values()
                                  for a, b in zip(block, block[1:]) if b["seq"] == a["seq"] + 1])
     result["fps"] = fps
     result["frames"] = stats["frames"]
-    result["blocks"] = len(by_block)
+    result["blocks"] = len({s["block"] for s in samples})
     result["bytes_per_frame"] = stats["bytes"] / max(1, stats["frames"])
     return result
 

@@ -292,7 +292,8 @@ function painted(seq, paintPerf) {
   } else if (block) {
     const paint = performance.timeOrigin + paintPerf + clockOffset; // gateway clock
     const sample = {
-      seq, block: block.index, first: seq === block.first_seq && !block.first_frame, transport: session.info.transport,
+      seq, block: block.index, part: block.first_frame ?? 0, first: seq === block.first_seq && !block.first_frame,
+      transport: session.info.transport,
       latency: paint - block.send_time, to_gateway: block.received - block.send_time,
       sent: session.sent.has(seq) ? session.sent.get(seq) - block.received : null,
       to_page: session.sent.has(seq) ? paint - session.sent.get(seq) : null,
