@@ -139,7 +139,7 @@ def main() -> None:
           f"{'queued one ahead' if cuda and not args.one_by_one else 'one by one'}")
     print(f"build {build_s:.1f} s, warm-up: encoder {encoder_warm_up_s:.1f} s, decoder {decoder_warm_up_s:.1f} s "
           f"(compile + CUDA graphs), CLIP + encoder session {clip_s * 1000:.0f} ms, peak GPU memory {peak:.1f} GiB")
-    stages = ["encode", "denoise", "cache_update", "vae_decode", "to_host", "block"]
+    stages = ["encode", "denoise", "vae_decode", "to_host", "cache_update", "block"]
     print("block | " + " | ".join(f"{s} ms" for s in stages) + " | frames | FPS")
     for b, r in enumerate(runs[-1]):
         print(f"{b} | " + " | ".join(f"{r[s] * 1000:.1f}" for s in stages) + f" | {r['frames']} | "
