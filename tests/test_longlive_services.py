@@ -240,7 +240,10 @@ def test_huge_hostile_inputs_leave_memory_where_it_was(services, request_, messa
     error = call_status(services.address, request_)
     assert error.code() == Code.INVALID_ARGUMENT and message in error.details(), error.details()
     # (the decoder returns malloc's free heap a second after the last large request)
-    wait_for(lambda: all(a - b < 32 for a, b in zip(rss(), before)), 10, f"memory back near {before} MiB")
+    try:
+        wait_for(lambda: all(a - b < 32 for a, b in zip(rss(), before)), 10, "memory back")
+    except TimeoutError:
+        raise AssertionError(f"RSS (decoder, encoder) {rss()} MiB, 10 s after the request; before it {before} MiB")
     assert len(run_session(services.address, None, [EMPTY], prompt=PROMPTS[0], seed=SEED).blocks) == 1
 
 

@@ -26,6 +26,7 @@ from ..media import load_image
 from ..serving.aio import Requests, WorkerLane, run_call, run_together, within, write_with_timeout
 from ..serving.errors import ServiceError
 from ..serving.logs import log_event
+from ..serving.memory import HeapTrimmer
 from ..serving.metrics import ServiceMetrics
 from ..serving.profiling import StreamProfiler
 from ..serving.streams import StreamSlots, opening_request, require_kind
@@ -60,6 +61,7 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         self.models: EncoderModels | None = None
         self.text_encoder: TextEncoder | None = None  # text-to-video configs: prompts instead of images
         self.clips: ClipEncoder | None = None  # configs that continue videos: their clips
+        self.trimmer = HeapTrimmer()  # a clip (up to 32 MiB, received in 1 MiB chunks) leaves free heap behind
         self.text_to_video = dit_config(cfg).text_dim is not None
 
     async def load(self) -> None:
@@ -140,29 +142,37 @@ class ConditionEncoderService(encoder_pb2_grpc.ConditionEncoderServiceServicer):
         if first.mode != str(self.cfg.mode):
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"this encoder serves mode {self.cfg.mode!r}, "
                                                                     f"not {first.mode!r}")
-        loop = asyncio.get_running_loop()
         with self.slots.slot():
-            clip = await receive_clip(first, requests, self.idle_timeout, self.metrics)
-            started = time.perf_counter()
             try:
-                pixels, latent_frames = await loop.run_in_executor(None, self.clips.decode, clip)
-            except ValueError as e:
-                raise ServiceError(_INVALID, f"clip rejected: {e}") from None
-            del clip
-            ready = encoder_pb2.EncodeReady(mode=first.mode, latent_frames_per_block=self.clips.frames_per_block,
-                                            transport=encoder_pb2.TENSOR_TRANSPORT_GRPC,
-                                            video_latent_frames=latent_frames)
-            await write_with_timeout(context, encoder_pb2.EncodeResponse(ready=ready), self.metrics,
-                                     self.idle_timeout)
-            blocks = await loop.run_in_executor(None, self.clips.encode, pixels)
-            del pixels
-            for b, block in enumerate(blocks):
-                for message in await loop.run_in_executor(None, _pack, encoder_pb2.CONDITION_KIND_VIDEO_LATENTS, b,
-                                                          "video_latents", block):
-                    await write_with_timeout(context, message, self.metrics, self.idle_timeout)
-            self.metrics.encoder_request_seconds.labels(request="video").observe(time.perf_counter() - started)
-            log_event(log, "clip encoded", session_id=first.session_id, latent_frames=latent_frames,
-                      seconds=round(time.perf_counter() - started, 4))
+                await self._encode_clip(first, requests, context)
+            finally:
+                self.trimmer.soon()  # whatever the outcome, the clip's memory goes back to the system
+
+    async def _encode_clip(self, first: encoder_pb2.VideoConditionChunk, requests,
+                           context: grpc.aio.ServicerContext) -> None:
+        """Receive, decode and encode the clip; send `ready`, then its latents."""
+        loop = asyncio.get_running_loop()
+        clip = await receive_clip(first, requests, self.idle_timeout, self.metrics)
+        started = time.perf_counter()
+        try:
+            pixels, latent_frames = await loop.run_in_executor(None, self.clips.decode, clip)
+        except ValueError as e:
+            raise ServiceError(_INVALID, f"clip rejected: {e}") from None
+        del clip
+        ready = encoder_pb2.EncodeReady(mode=first.mode, latent_frames_per_block=self.clips.frames_per_block,
+                                        transport=encoder_pb2.TENSOR_TRANSPORT_GRPC,
+                                        video_latent_frames=latent_frames)
+        await write_with_timeout(context, encoder_pb2.EncodeResponse(ready=ready), self.metrics,
+                                 self.idle_timeout)
+        blocks = await loop.run_in_executor(None, self.clips.encode, pixels)
+        del pixels
+        for b, block in enumerate(blocks):
+            for message in await loop.run_in_executor(None, _pack, encoder_pb2.CONDITION_KIND_VIDEO_LATENTS, b,
+                                                      "video_latents", block):
+                await write_with_timeout(context, message, self.metrics, self.idle_timeout)
+        self.metrics.encoder_request_seconds.labels(request="video").observe(time.perf_counter() - started)
+        log_event(log, "clip encoded", session_id=first.session_id, latent_frames=latent_frames,
+                  seconds=round(time.perf_counter() - started, 4))
 
     def _check(self, request: encoder_pb2.ImageConditionRequest) -> None:
         models = self.models
