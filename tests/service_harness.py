@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -22,7 +23,9 @@ from worldstream.engine.config import load_config
 from worldstream.engine.encoder import EncoderModels
 from worldstream.engine.generator import DecoderModels
 from worldstream.media import load_image
+from worldstream.client.session import MAX_RECEIVE_BYTES
 from worldstream.serving.processes import ServiceProcess, ServiceStack, free_port
+from worldstream.v1 import session_pb2, session_pb2_grpc
 
 CONFIG = "mg2/universal_tiny"
 # For tests where frame content does not matter: the tiny config with a smaller frame keeps blocks fast.
@@ -62,6 +65,16 @@ def engine_frames(image: bytes, actions, seed: int, overrides: list[str] = ()) -
         return [session.run_block(conditioning.next_block(), action).frames.numpy() for action in actions]
     finally:
         session.close()
+
+
+def call_status(address: str, requests: list[session_pb2.SessionRequest], timeout: float = 120) -> grpc.RpcError:
+    """Send `requests` to the decoder's Session (then half-close) and return the error the call must end with."""
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as channel:
+        responses = session_pb2_grpc.WorldSessionServiceStub(channel).Session(iter(requests), timeout=timeout)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in responses:
+                pass
+    return caught.value
 
 
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:

@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from service_harness import REPO, SMALL_FRAMES, metric_value, png_bytes, running_services, wait_for
+from service_harness import (REPO, SMALL_FRAMES, call_status, metric_value, png_bytes, running_services,
+                             wait_for)
 from test_hardening_decoder import rss_mb
 from worldstream.batch import PromptConditioning
 from worldstream.client import SessionStream, run_session, start_request
-from worldstream.client.session import MAX_RECEIVE_BYTES
 from worldstream.client.video import VideoWriter
 from worldstream.engine.clips import conditioning_pixel_frames, decode_clip
 from worldstream.engine.config import load_config
@@ -25,7 +25,7 @@ from worldstream.encoder.client import VIDEO_CHUNK_BYTES
 from worldstream.decoder.sessions import MAX_PENDING_SWITCHES
 from worldstream.encoder.videos import MAX_CLIP_BYTES
 from worldstream.engine.generator import BlockOutput, DecoderModels
-from worldstream.v1 import encoder_pb2, encoder_pb2_grpc, session_pb2, session_pb2_grpc
+from worldstream.v1 import encoder_pb2, encoder_pb2_grpc, session_pb2
 
 CONFIG = "longlive/interactive_tiny"
 PROMPTS = ["a red fox runs through fresh snow", "the fox dives into a frozen river", "night falls over the forest"]
@@ -76,16 +76,6 @@ def write_clip(path, frames: int, fps: int = 24, height: int = 80, width: int = 
     with VideoWriter(path, fps=fps) as writer:
         writer.write(np.clip(stripes + grain, 0, 255).astype(np.uint8))
     return path
-
-
-def call_status(address: str, requests: list[session_pb2.SessionRequest]) -> grpc.RpcError:
-    """Send `requests` (then half-close) and return the error the call ends with."""
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as channel:
-        responses = session_pb2_grpc.WorldSessionServiceStub(channel).Session(iter(requests), timeout=120)
-        with pytest.raises(grpc.RpcError) as caught:
-            for _ in responses:
-                pass
-    return caught.value
 
 
 def start(max_blocks: int = 2, **fields) -> session_pb2.SessionRequest:

@@ -7,11 +7,11 @@ import signal
 import grpc
 import pytest
 
-from service_harness import SMALL_FRAMES, free_port, metric_value, png_bytes, running_services, start_decoder, wait_for
+from service_harness import (SMALL_FRAMES, call_status, free_port, metric_value, png_bytes, running_services,
+                             start_decoder, wait_for)
 from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, start_request
-from worldstream.client.session import MAX_RECEIVE_BYTES
-from worldstream.v1 import session_pb2, session_pb2_grpc
+from worldstream.v1 import session_pb2
 
 IMAGE = png_bytes(seed=3)
 MAX_MESSAGE_BYTES = 1_000_000
@@ -55,16 +55,6 @@ def start(mode: str = "universal", image: bytes = IMAGE, max_blocks: int = 3) ->
 
 def action(**fields) -> session_pb2.SessionRequest:
     return session_pb2.SessionRequest(action=session_pb2.Action(**fields))
-
-
-def call_status(address: str, requests: list[session_pb2.SessionRequest]) -> grpc.RpcError:
-    """Send `requests` (then half-close) and return the error the call must end with."""
-    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]) as channel:
-        responses = session_pb2_grpc.WorldSessionServiceStub(channel).Session(iter(requests), timeout=60)
-        with pytest.raises(grpc.RpcError) as caught:
-            for _ in responses:
-                pass
-    return caught.value
 
 
 @pytest.mark.parametrize("requests, code, message", [
