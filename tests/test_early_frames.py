@@ -4,17 +4,21 @@ engine give, and the gateway relays early frames to the page at once. Real proce
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import base64
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service_harness import SMALL_FRAMES, engine_frames, metric_value, png_bytes, running_services
-from worldstream.api.messages import action_message
+from worldstream.api.messages import action_message, action_space_message
 from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, run_session, start_request
 from worldstream.client.session import MAX_RECEIVE_BYTES
+from worldstream.media import encode_jpeg
 from worldstream.v1 import session_pb2, session_pb2_grpc
 
 SEED = 321
@@ -131,3 +135,77 @@ async def _play_one_block(url: str) -> tuple[list[dict], list[int]]:
             if messages[-1]["type"] == "end":  # (after the playout sent every frame)
                 break
     return messages, seqs
+
+
+class _EndlessFramesServer(session_pb2_grpc.WorldSessionServiceServicer):
+    """A hostile server: after `info`, block 0's early frames never end (4 frames of 8x8 each)."""
+
+    def __init__(self, encoding: int):
+        self.encoding = encoding
+
+    def Session(self, request_iterator, context):
+        next(request_iterator)
+        yield session_pb2.SessionResponse(info=session_pb2.SessionInfo(
+            mode="universal", height=8, width=8, first_block_frames=9, block_frames=12, fps=16, max_blocks=1,
+            action_space=action_space_message(SPACE), frame_encoding=self.encoding,
+            pacing=session_pb2.PACING_REALTIME))
+        frame = bytes(8 * 8 * 3) if self.encoding == session_pb2.FRAME_ENCODING_RAW_RGB else encode_jpeg(
+            np.zeros((8, 8, 3), np.uint8))
+        for part in range(1000):
+            yield session_pb2.SessionResponse(block_frames=session_pb2.BlockFrames(
+                block_index=0, first_frame=4 * part, frames=[frame] * 4))
+
+
+@contextlib.contextmanager
+def endless_frames_server(encoding: int):
+    """The hostile server on a loopback port (with a health service, as the gateway asks for one)."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    session_pb2_grpc.add_WorldSessionServiceServicer_to_server(_EndlessFramesServer(encoding), server)
+    serving = health.HealthServicer()
+    serving.set(session_pb2.DESCRIPTOR.services_by_name["WorldSessionService"].full_name,
+                health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(serving, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def test_client_refuses_more_early_frames_than_a_block_has():
+    """A server whose early frames for a block never end: the client stops at the first message past a block's
+    frames (before decoding or keeping it), with a message that says so."""
+    with endless_frames_server(session_pb2.FRAME_ENCODING_RAW_RGB) as address:
+        with SessionStream(address, start_request(IMAGE, pacing="realtime"), timeout=30) as stream:
+            with pytest.raises(RuntimeError, match="would make it 16 frames; a block of this session has at most 12"):
+                list(stream)
+            assert len(stream._early) == 3  # frames 0-11 kept, the 4th message refused
+
+
+def test_gateway_refuses_more_early_frames_than_a_block_has(tmp_path):
+    """The same server behind the gateway: the page gets a decoder_protocol error, and the gateway goes on."""
+    pytest.importorskip("aiohttp", reason="the gateway needs the web extra: pip install -e './client[web]'")
+    from test_browser import GatewayProcess
+
+    with endless_frames_server(session_pb2.FRAME_ENCODING_JPEG) as address:
+        gateway = GatewayProcess(address, tmp_path / "gateway.log")
+        try:
+            error = asyncio.run(_first_error(gateway.url))
+            assert gateway.healthy()
+        finally:
+            gateway.stop()
+    assert error["code"] == "decoder_protocol" and "frames 12 to 15 of block 0, more than a block has" in \
+        error["message"], error
+
+
+async def _first_error(url: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(url.replace("http", "ws") + "/ws") as ws:
+        image = {"data": base64.b64encode(IMAGE).decode(), "name": "test.png"}
+        await ws.send_json({"type": "start", "image": image, "record": True})
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.TEXT and message.json()["type"] == "error":
+                return message.json()
+    raise AssertionError("the gateway closed the page without an error")

@@ -249,24 +249,29 @@ class SessionStream:
         now, part = time.perf_counter(), response.block_frames
         if self._early_block is None:
             self._early_block, self._early_at = part.block_index, now
-        self._check_frames_follow(part.block_index, part.first_frame, "block frames")
+        self._check_frames_follow(part.block_index, part.first_frame, len(part.frames), "block frames")
         frames = decode_frames(part, self.info, f"block {part.block_index} from frame {part.first_frame}")
         self._early.append(frames)
         self._early_bytes += response.ByteSize()
         if self.on_frames is not None:
             self.on_frames(part.block_index, part.first_frame, frames)
 
-    def _check_frames_follow(self, block_index: int, first_frame: int, what: str) -> None:
-        """Frames of a block continue those that came before it (none: from frame 0 of any block)."""
+    def _check_frames_follow(self, block_index: int, first_frame: int, count: int, what: str) -> None:
+        """`count` frames of a block continue those that came before it (none: from frame 0 of any block), and
+        the block holds no more frames than a block has (checked before they are decoded or kept)."""
         received = sum(len(frames) for frames in self._early)
         if (self._early_block is not None and block_index != self._early_block) or first_frame != received:
             before = f"{received} frames of block {self._early_block}" if self._early else "no frames"
             raise RuntimeError(f"{what} of block {block_index} from frame {first_frame} came after {before}")
+        most = max(self.info.first_block_frames, self.info.block_frames)
+        if first_frame + count > most:
+            raise RuntimeError(f"{what} of block {block_index} would make it {first_frame + count} frames; a block of "
+                               f"this session has at most {most}")
 
     def _received(self, response: session_pb2.SessionResponse) -> ReceivedBlock:
         now = time.perf_counter()
         block = response.block
-        self._check_frames_follow(block.block_index, block.first_frame, "the block")
+        self._check_frames_follow(block.block_index, block.first_frame, len(block.frames), "the block")
         frames = decode_frames(block, self.info)
         if self.on_frames is not None:
             self.on_frames(block.block_index, block.first_frame, frames)

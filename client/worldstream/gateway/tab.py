@@ -205,6 +205,11 @@ class LiveSession:
                 # A block's first frames come ahead of it (`block_frames`): on to the page at once
                 early = kind == "block_frames"
                 block = response.block_frames if early else response.block
+                if block.first_frame + len(block.frames) > max(info.first_block_frames, info.block_frames):
+                    # (a block's early frames wait for its action in the recording: bounded by a block)
+                    raise PageError("decoder_protocol", f"the decoder sent frames {block.first_frame} to "
+                                                        f"{block.first_frame + len(block.frames) - 1} of block "
+                                                        f"{block.block_index}, more than a block has")
                 received = now_ms()
                 self.gateway.metrics.block_receive_delay.observe(max(0.0, received - millis(block.send_time)) / 1e3)
                 action = None if self.mapper is None or early else parse_action(
