@@ -1,18 +1,22 @@
 """Wan 2.1 VAE: golden parity (encode, streaming decode), checkpoint key layout, streaming equivalences."""
 from __future__ import annotations
 
+import itertools
+from functools import partial
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import load_golden
+from worldstream.engine.builders import channels_last_convs
 from worldstream.engine.conditioning import CondConcatStream, SteadyCondConcat, image_free_block, preprocess_image
 from worldstream.engine.config import load_config
 from worldstream.golden.vae import CHECKS
-from worldstream.models.wan_vae import (SteadyFullRate, VAEDecodeStream, VAEEncodeStream, WanVAEDecoder,
+from worldstream.models.wan_vae import (Resample, SteadyFullRate, VAEDecodeStream, VAEEncodeStream, WanVAEDecoder,
                                         WanVAEEncoder, split_vae_state_dict)
 
 # Wan2.1_VAE.pth: 194 tensors, 126,892,531 parameters (73,295,603 in the decoder half); 4 bytes each plus
@@ -101,6 +105,45 @@ def test_latent_stats_stay_float32_when_cast():
     assert decoder.conv2.weight.dtype == torch.bfloat16
     assert decoder.latent_std.dtype == torch.float32
     assert decoder.latent_mean[7].item() == pytest.approx(1.5508, abs=1e-7)
+
+
+def test_upsample_keeps_checkpoint_keys():
+    shapes = {k: tuple(v.shape) for k, v in Resample(8, "upsample2d", itertools.count()).state_dict().items()}
+    assert shapes == {"resample.1.weight": (4, 8, 3, 3), "resample.1.bias": (4,)}
+    shapes = {k: tuple(v.shape) for k, v in Resample(8, "upsample3d", itertools.count()).state_dict().items()}
+    assert shapes == {"resample.1.weight": (4, 8, 3, 3), "resample.1.bias": (4,),
+                      "time_conv.weight": (16, 8, 3, 1, 1), "time_conv.bias": (16,)}
+
+
+# ------------------------------------------------------------------------------------------------ upsampling
+
+def _nearest_upsample_then_conv(conv: torch.nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
+    """The reference formulation: ×2 nearest upsampling in float32, then the 3×3 conv at the doubled size."""
+    upsampled = F.interpolate(images.float(), scale_factor=2, mode="nearest-exact").to(images.dtype)
+    return F.conv2d(upsampled, conv.weight, conv.bias, padding=1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["upsample2d", "upsample3d"])
+def test_upsample_equals_nearest_upsample_then_conv(mode, channels_last):
+    """The sub-pixel upsampling conv gives the reference's upsample + conv3×3 on odd sizes, chunk after chunk as
+    the decoder feeds it (the second upsample3d stage gets 1 frame, then 2), with the compiled path's
+    channels-last weights too."""
+    resample = _random_(Resample(6, mode, itertools.count()), seed=11)
+    if channels_last:
+        channels_last_convs(resample)
+    conv = resample.resample[1]
+    gen = torch.Generator().manual_seed(12)
+    fast_cache, reference_cache = [None], [None]
+    for frames, frames_out in ((1, 1), (1, 2 if mode == "upsample3d" else 1), (2, 4 if mode == "upsample3d" else 2)):
+        chunk = torch.randn(2, 6, frames, 5, 7, generator=gen)
+        with torch.inference_mode():
+            fast = resample(chunk, fast_cache)
+            with mock.patch.object(conv, "forward", partial(_nearest_upsample_then_conv, conv)):
+                reference = resample(chunk, reference_cache)
+        assert fast.shape == reference.shape == (2, 3, frames_out, 10, 14)
+        err = (fast - reference).abs().max().item()
+        assert err <= 1e-5 * max(1.0, reference.abs().max().item()), f"max abs err {err:.3e}"
 
 
 # ------------------------------------------------------------------------------------------------ streaming

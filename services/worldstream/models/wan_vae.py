@@ -126,20 +126,49 @@ class AttentionBlock(nn.Module):
         return _images_to_frames(out, b) + x
 
 
-class NearestUpsample2x(nn.Module):
-    """×2 nearest upsampling of [N, C, H, W], computed in float32 like the reference (then cast back)."""
+def _fold_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """3 taps along `dim` -> [2 phases, 2 taps] there: phase 0 = [w0, w1 + w2], phase 1 = [w0 + w1, w2]."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)], dim)
+
+
+class Upsample2xConv3x3(nn.Conv2d):
+    """conv3×3(×2 nearest upsampling of x), padding 1, computed at x's resolution (sub-pixel form).
+
+    Output pixel (2i+a, 2j+b) sees only input rows i-1+a..i+a and columns j-1+b..j+b, so it is a 2×2 conv of x
+    whose kernel rows are the 3 rows folded for phase a ([w0, w1+w2] or [w0+w1, w2]), columns likewise for b.
+    The four phases' kernels make one 2×2 conv with 4·C_out channels over x padded by 1; phase (a, b) is its
+    channel group (a, b) at offset (a, b), and the phases interleave into the [N, C_out, 2H, 2W] output.
+    Exact up to the rounding of the folded weights (summed in float32, then cast to the weight's dtype).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype)
+        n, _, h, w = x.shape
+        c_out = self.out_channels
+        # folded from the live weight on every call (a few small kernels), so a later load_state_dict holds;
+        # in float32 at least (half-precision weights are rounded once, after the sums)
+        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        folded = _fold_taps(_fold_taps(weight, 2), 4)  # [O, I, a, 2, b, 2]
+        folded = folded.permute(2, 4, 0, 1, 3, 5).reshape(4 * c_out, -1, 2, 2)  # channels (a, b, o)
+        # keep the weight's memory format (compiled VAE halves store conv weights channels-last)
+        memory_format = (torch.channels_last if self.weight.is_contiguous(memory_format=torch.channels_last)
+                         else torch.contiguous_format)
+        folded = folded.to(self.weight.dtype, memory_format=memory_format)
+        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), folded, self.bias.repeat(4)).unflatten(1, (2, 2, c_out))
+        rows = [torch.stack([phases[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], -1) for a in (0, 1)]
+        return torch.stack(rows, 3).reshape(n, c_out, 2 * h, 2 * w)  # [N, O, H, a, W, b] -> [N, O, 2H, 2W]
 
 
 class Resample(nn.Module):
     """Spatial ×2 up/down-sampling per frame, optionally with temporal ×2 up/down-sampling (`time_conv`).
 
     upsample3d: `time_conv` makes 2C channels that are interleaved into 2× frames, then ×2 nearest + conv3×3
-    to C/2. On the very first chunk of a stream (empty cache slot) the time conv is skipped — one latent gives
-    one frame — and the slot is set to two zero frames, which is exactly how the reference's 'Rep' marker
-    behaves on the next chunk (zero causal padding, cache [zeros, x]).
+    to C/2 (one sub-pixel conv, `Upsample2xConv3x3`). On the very first chunk of a stream (empty cache slot)
+    the time conv is skipped — one latent gives one frame — and the slot is set to two zero frames, which is
+    exactly how the reference's 'Rep' marker behaves on the next chunk (zero causal padding, cache [zeros, x]).
     downsample3d: zero-pad right/bottom + stride-2 conv3×3, then a stride-2 (3,1,1) `time_conv` over
     [previous chunk's last frame, chunk]; skipped on the first chunk, which only fills the slot.
     """
@@ -148,7 +177,9 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode in ("upsample2d", "upsample3d"):
-            self.resample = nn.Sequential(NearestUpsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            # index 0 is the reference's weightless ×2 upsample, folded into the conv here; it keeps the
+            # checkpoint keys resample.1.*
+            self.resample = nn.Sequential(nn.Identity(), Upsample2xConv3x3(dim, dim // 2))
         elif mode in ("downsample2d", "downsample3d"):
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         else:
