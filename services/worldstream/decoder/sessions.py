@@ -233,6 +233,7 @@ class Session:
         self.outbox: asyncio.Queue[_Outgoing | session_pb2.SessionEnd | torch.Tensor] = asyncio.Queue(OUTBOX_BLOCKS)
         self.blocks_sent = 0
         self.frames_sent = False  # whether generated frames were sent (the first: time to first frame)
+        self.first_frames_here = asyncio.Event()  # block 0's first frames reached the host
         self.ending = asyncio.Event()  # `end` is on its way: the call ends with OK whatever the client sends now
 
     def _log(self, event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -428,6 +429,10 @@ class Session:
                     await finishing  # (before a switch's wait or failure: a switch block starts alone)
                     finishing = None
                 conditions = time.perf_counter()
+                if per_block and b == 1:
+                    # Taking block 1 grants the encoder the credit to prefetch blocks 1..window, on the GPU that
+                    # block 0 is using: hold it until block 0's first frames are out, the latency a user sees.
+                    await self.first_frames_here.wait()
                 cond = await self.feed.block(b) if per_block else None
                 prompt = await switch if switch is not None else None  # its Encode call may still be running
                 self.pending.discard(switch)
@@ -461,7 +466,9 @@ class Session:
         await self.outbox.put(outgoing)
         for part in range(0 if self.options.whole_blocks else pending.part_count - 1):
             outgoing.parts.put_nowait(await self.waiter.run(pending.wait_part, part))
+            self.first_frames_here.set()
         output = await self.waiter.run(pending.result)
+        self.first_frames_here.set()
         outgoing.parts.put_nowait(_Finished(output, queued.taken, {**queued.stages, **output.timings},
                                             queued.start_time, now_timestamp()))
 
