@@ -249,17 +249,24 @@ class Session:
                   frame_encoding=session_pb2.FrameEncoding.Name(options.frame_encoding), peer=self.context.peer())
         height, width = int(models.cfg.video.height), int(models.cfg.video.width)
         reconstruction = None
+        opening: dict[str, float] = {}  # how the time to `info` splits, for the log (continued videos: no split)
         if options.video:
             reconstruction, tokens_dropped = await self._continue_video()
         elif models.text_to_video:
             prompt = await self._prompt_context(options.prompt)
             tokens_dropped = prompt.tokens_dropped
+            opening["context_seconds"] = time.perf_counter() - self.received
             self.generation = await self.lane.run(self._open_generation, prompt.context)
         else:
             self.feed = await self.manager.encoder.open(self.id, options.mode, options.image, height, width,
                                                         options.max_blocks, self.spec)
+            opening["encoder_ready_seconds"] = time.perf_counter() - self.received
             tokens_dropped = 0
-            self.generation = await self.lane.run(self._open_generation, await self.feed.context())
+            context = await self.feed.context()
+            opening["context_seconds"] = time.perf_counter() - self.received
+            self.generation = await self.lane.run(self._open_generation, context)
+        if opening:
+            opening["generation_seconds"] = time.perf_counter() - self.received - opening["context_seconds"]
         info = session_pb2.SessionInfo(
             session_id=self.id, mode=options.mode, height=height, width=width,
             first_block_frames=models.layout.first_block_frames, block_frames=models.layout.block_frames,
@@ -269,6 +276,8 @@ class Session:
         if self.space is not None:
             info.action_space.CopyFrom(action_space_message(self.space))
         await self._send(session_pb2.SessionResponse(info=info))
+        opening["info_seconds"] = time.perf_counter() - self.received
+        self._log("session opened", **{name: round(seconds, 4) for name, seconds in opening.items()})
         if reconstruction is not None:
             self.outbox.put_nowait(reconstruction)
         await run_together(self._deliver(), self._produce(), self._read(messages), settled=self.ending)
@@ -534,7 +543,9 @@ class Session:
     def _sent_frames(self) -> None:
         if not self.frames_sent:
             self.frames_sent = True
-            self.metrics.time_to_first_frame_seconds.observe(time.perf_counter() - self.received)
+            seconds = time.perf_counter() - self.received
+            self.metrics.time_to_first_frame_seconds.observe(seconds)
+            self._log("first frames sent", seconds=round(seconds, 4))
 
     async def _timed_encode(self, frames: torch.Tensor) -> tuple[list[bytes], float]:
         """`frames` encoded on the shared frame pool, and the seconds that took."""

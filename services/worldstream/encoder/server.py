@@ -230,6 +230,7 @@ class _EncodeStream:
         self.sent = 0
         self.decoder_done = False  # the decoder half-closed: no more credit will come
         self.changed = asyncio.Condition()
+        self.started = time.perf_counter()  # the stream's open and block 0's log events count from here
 
     async def _send(self, message: encoder_pb2.EncodeResponse) -> None:
         await write_with_timeout(self.context, message, self.metrics, self.service.idle_timeout)
@@ -241,7 +242,7 @@ class _EncodeStream:
 
     async def send_all(self) -> None:
         request, models = self.request, self.service.models
-        started = time.perf_counter()
+        started = self.started
         try:
             await self.lane.run(self._open)
         except ValueError as e:
@@ -280,6 +281,8 @@ class _EncodeStream:
             messages, encode_seconds = await self.lane.run(_encode_block, self.session, b)
             self.metrics.block_stage_seconds.labels(stage="encode").observe(encode_seconds)
             self.metrics.encoder_request_seconds.labels(request="block").observe(time.perf_counter() - started)
+            if b == 0:  # the first frame's path (benchmarks/services.py reads it)
+                self._log_since_start("first block encoded", encode_seconds=round(encode_seconds, 4))
             async with self.changed:
                 self.ready[b] = messages
                 self.changed.notify_all()
@@ -290,8 +293,14 @@ class _EncodeStream:
                 return
             for message in self.ready.pop(b):
                 await self._send(message)
+            if b == 0:
+                self._log_since_start("first block sent")
             self.sent += 1
             self.metrics.blocks_served.inc()
+
+    def _log_since_start(self, event: str, **fields: Any) -> None:
+        log_event(log, event, session_id=self.request.session_id,
+                  since_start=round(time.perf_counter() - self.started, 4), **fields)
 
     async def read_credits(self, requests) -> None:
         async for message in requests:
