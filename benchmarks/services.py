@@ -10,11 +10,21 @@ trajectory (JPEG frames, 2 actions in flight, as `worldstream.client --benchmark
 decoder once more: with the compile cache the first start filled (TORCHINDUCTOR_CACHE_DIR, default under
 /tmp), that is the warm-restart time. Prints per-stage server times (median, p10-p90 over blocks >= 2), the
 client's block interval and FPS, first frame (block 0's first frames, sent ahead of the block) and first block (with
-its stages), time to SERVING and GPU memory.
+its stages), time to SERVING and GPU memory. For each single session it also prints the first frame's path from
+the services' own logs (--log-dir: encoder.log, decoder.log, matched by session id): when the decoder had the
+encoder's context, opened its generation session and sent `info`, when the encoder had encoded and sent block 0
+(from its stream's start; that start on the decoder's clock comes from the two logs' timestamps, to a few ms),
+and when the decoder sent the first frames.
+
+`--profile-dir DIR` has each service write a torch.profiler Chrome trace of a session (DIR/encoder, DIR/decoder;
+one session at a time is traced). Profiling inflates every time the benchmark reports (the profiler's own start
+falls in the encoder's open and the decoder's session set-up: ~1.4 s each on a CPU): use it to see where time goes,
+not to measure.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import subprocess
@@ -32,6 +42,9 @@ from block_loop import git_commit, spread  # noqa: E402  (the engine benchmark's
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "services" / "worldstream" / "assets" / "demo.png"
 IMAGE_FREE_BLOCK = 10  # from this block on the encoder does no work (engine/conditioning.py)
+# the log events of a session's first frame path, per service (decoder/sessions.py, encoder/server.py)
+PATH_EVENTS = {"decoder": ("session opened", "first frames sent"),
+               "encoder": ("stream opened", "first block encoded", "first block sent")}
 SERVER_STAGES = ["action_wait", "condition_wait", "denoise", "vae_decode", "to_host", "cache_update", "frame_encode"]
 
 
@@ -60,12 +73,13 @@ def play(address: str, blocks: int, seed: int) -> dict:
     start = start_request(DEMO_IMAGE, seed=seed, max_blocks=blocks, pacing="lockstep")
     with SessionStream(address, start) as stream:
         info_s = time.perf_counter() - stream.started_at  # image decode, CLIP, cache set-up on both sides
+        session_id = stream.info.session_id
         actions = planned_actions(stream.space, stream.layout, blocks)
         result = stream.play(actions, window=2)
     arrivals = [b.received_at for b in result.blocks]
     # first frame: block 0's first frames (sent ahead of the block as they are decoded); first block: all of it
-    return {"first_frame_s": result.time_to_first_frame, "first_block_s": arrivals[0] - result.started_at,
-            "info_s": info_s, "fps": result.fps,
+    return {"session_id": session_id, "first_frame_s": result.time_to_first_frame,
+            "first_block_s": arrivals[0] - result.started_at, "info_s": info_s, "fps": result.fps,
             "intervals": [b - a for a, b in zip(arrivals, arrivals[1:])],
             "frames": [b.frames.shape[0] for b in result.blocks],
             "stages": [b.stage_seconds for b in result.blocks], "latency": [b.latency for b in result.blocks]}
@@ -89,6 +103,55 @@ def play_together(address: str, sessions: int, blocks: int) -> list[dict]:
         if isinstance(r, BaseException):
             raise r
     return results
+
+
+def session_events(log_path: Path) -> dict[tuple[str, str], dict]:
+    """A service log's events that name a session, by (session id, event); the first of each. Lines that are not
+    JSON objects (e.g. a library's warnings) are skipped."""
+    events: dict[tuple[str, str], dict] = {}
+    for line in log_path.read_text(errors="replace").splitlines() if log_path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and "session_id" in entry:
+            events.setdefault((entry["session_id"], entry.get("event")), entry)
+    return events
+
+
+def first_frame_path(session_id: str, logs: dict[str, dict[tuple[str, str], dict]]) -> dict[str, float] | None:
+    """Where a session's time to its first frames went, in seconds, from the services' logs: on the decoder's clock
+    from the start request's arrival, on the encoder's from its stream's start. None if an event is missing."""
+    found = {(service, event): logs[service].get((session_id, event))
+             for service, events in PATH_EVENTS.items() for event in events}
+    if None in found.values():
+        return None
+    opened, first_frames = found["decoder", "session opened"], found["decoder", "first frames sent"]
+    encoded, sent = found["encoder", "first block encoded"], found["encoder", "first block sent"]
+
+    def wall(entry: dict) -> float:  # the log line's timestamp (milliseconds)
+        return datetime.datetime.fromisoformat(entry["ts"]).timestamp()
+    decoder_start, encoder_start = wall(opened) - opened["info_seconds"], wall(encoded) - encoded["since_start"]
+    return {"encoder_stream_start_s": round(encoder_start - decoder_start, 4),
+            "encoder_ready_s": opened["encoder_ready_seconds"], "context_s": opened["context_seconds"],
+            "session_setup_s": opened["generation_seconds"], "info_sent_s": opened["info_seconds"],
+            "encoder_open_s": found["encoder", "stream opened"]["open_seconds"],
+            "encoder_block0_encoded_s": encoded["since_start"], "encoder_block0_encode_s": encoded["encode_seconds"],
+            "encoder_block0_sent_s": sent["since_start"], "first_frames_sent_s": first_frames["seconds"]}
+
+
+def report_first_frame_path(name: str, path: dict[str, float] | None) -> None:
+    if path is None:
+        print(f"{name} first-frame path: not in the logs (events {PATH_EVENTS})")
+        return
+    t = {key: f"{seconds * 1000:.0f}" for key, seconds in path.items()}
+    print(f"{name} first-frame path (ms): decoder start -> encoder stream start ~{t['encoder_stream_start_s']} (log "
+          f"timestamps), encoder ready {t['encoder_ready_s']} (encoder open {t['encoder_open_s']}), context "
+          f"{t['context_s']}, decoder session set-up {t['session_setup_s']}, info sent at {t['info_sent_s']}; encoder "
+          f"block 0 encoded at {t['encoder_block0_encoded_s']} (encode {t['encoder_block0_encode_s']}), sent at "
+          f"{t['encoder_block0_sent_s']} after its stream start (~"
+          f"{(path['encoder_stream_start_s'] + path['encoder_block0_sent_s']) * 1000:.0f} after decoder start); "
+          f"first frames sent at {t['first_frames_sent_s']}")
 
 
 def ms(s: dict[str, float]) -> str:
@@ -121,11 +184,18 @@ def main() -> None:
     parser.add_argument("--restart", action="store_true", help="then restart the decoder (warm compile cache)")
     parser.add_argument("--log-dir", type=Path, default=Path("out/services-bench"))
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--profile-dir", type=Path,
+                        help="the services write a Chrome trace per session into DIR/encoder and DIR/decoder "
+                             "(inflates the times)")
     args = parser.parse_args()
+    if args.blocks < 3:
+        parser.error("--blocks must be at least 3: the steady-state figures are over blocks >= 2")
 
     max_sessions = max([1, *args.sessions])
-    stack = ServiceStack(args.config, args.log_dir, args.overrides,
-                         decoder_args=["--max-sessions", str(max_sessions)], startup_timeout=900)
+    profile = {service: ["--profile-dir", str(args.profile_dir / service)] if args.profile_dir else []
+               for service in ("encoder", "decoder")}
+    stack = ServiceStack(args.config, args.log_dir, args.overrides, encoder_args=profile["encoder"],
+                         decoder_args=["--max-sessions", str(max_sessions), *profile["decoder"]], startup_timeout=900)
     record: dict = {"config": args.config, "overrides": args.overrides, "commit": git_commit(),
                     "date": time.strftime("%Y-%m-%d"), "blocks": args.blocks}
     print(f"# {args.config} {' '.join(args.overrides)} | commit {record['commit']} | {record['date']} | "
@@ -138,7 +208,12 @@ def main() -> None:
         runs = [play(stack.address, args.blocks, seed=r) for r in range(args.runs)]
         record["memory_mib"] = gpu_memory_mib()
         record["runs"] = runs
-        record["summaries"] = [report_run(f"run {r}", run) for r, run in enumerate(runs)]
+        logs = {service: session_events(args.log_dir / f"{service}.log") for service in PATH_EVENTS}
+        record["summaries"] = []
+        for r, run in enumerate(runs):
+            run["first_frame_path"] = first_frame_path(run["session_id"], logs)
+            record["summaries"].append(report_run(f"run {r}", run))
+            report_first_frame_path(f"run {r}", run["first_frame_path"])
         fps = [s["fps"] for s in record["summaries"]]
         ratio = [s["interval"]["p90"] / s["interval"]["p10"] for s in record["summaries"]]
         print(f"one session: median of {len(runs)} runs {statistics.median(fps):.1f} FPS (runs: "
