@@ -521,9 +521,9 @@ class Session:
         while not isinstance(part := await block.parts.get(), _Finished):
             frames, seconds = await self._timed_encode(part)
             encode_seconds += seconds
+            self._sending_frames()
             await self._send(session_pb2.SessionResponse(block_frames=session_pb2.BlockFrames(
                 block_index=block.index, first_frame=sent, frames=frames, send_time=now_timestamp())))
-            self._sent_frames()
             sent += len(frames)
         finished = part
         frames, seconds = await self._timed_encode(finished.output.frames[sent:])
@@ -533,14 +533,16 @@ class Session:
             stage_seconds=finished.stage_seconds, action_time=finished.taken.taken_at,
             start_time=finished.start_time, generated_time=finished.generated_time, send_time=now_timestamp(),
             first_frame=sent)
+        self._sending_frames()
         await self._send(session_pb2.SessionResponse(block=chunk))
-        self._sent_frames()
         self.blocks_sent += 1
         self.metrics.blocks_served.inc()
         for stage, seconds in finished.stage_seconds.items():
             self.metrics.block_stage_seconds.labels(stage=stage).observe(seconds)
 
-    def _sent_frames(self) -> None:
+    def _sending_frames(self) -> None:
+        """Times the first frames as they are handed to the stream: the client can hold them before the write
+        returns."""
         if not self.frames_sent:
             self.frames_sent = True
             seconds = time.perf_counter() - self.received
