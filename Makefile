@@ -9,7 +9,7 @@ CONFIG ?= mg2/universal_tiny
 BLOCKS ?= 10
 OUT ?= out/demo.mp4
 
-.PHONY: setup protos lint-protos demo play test test-compose base-image golden batch bench-wire bench-loop clean
+.PHONY: setup protos lint-protos demo play test test-unit test-e2e test-compose base-image golden batch bench-wire bench-loop clean
 
 setup: $(VENV)/.installed
 
@@ -38,8 +38,15 @@ demo: setup
 play: setup
 	$(VENV)/bin/worldstream play --config $(CONFIG)
 
-test: setup
+# The unit suite, then the slower end-to-end checks (tests/e2e: fresh wheel installs, the browser, the services
+# benchmark), each a pytest run of its own.
+test: test-unit test-e2e
+
+test-unit: setup
 	$(PY) -m pytest -q
+
+test-e2e: setup
+	$(PY) -m pytest -q tests/e2e
 
 # The CPU deployment (deploy/docker-compose.cpu.yml) under a real Docker engine, end to end; starts dockerd if
 # none runs (and stops it after), as root installs docker.io and mmdebstrap if missing. See tests/compose/run.sh.

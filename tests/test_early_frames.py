@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service_harness import SMALL_FRAMES, engine_frames, metric_value, png_bytes, running_services
+from service_harness import SMALL_FRAMES, GatewayProcess, engine_frames, metric_value, png_bytes, running_services
 from worldstream.api.messages import action_message, action_space_message
 from worldstream.api.spaces import get_action_space
 from worldstream.client import SessionStream, run_session, start_request
@@ -98,8 +98,6 @@ def test_jpeg_realtime_early_frames_and_the_first_frame_metric(services):
 
 def test_gateway_relays_early_frames_to_the_page(services, tmp_path):
     pytest.importorskip("aiohttp", reason="the gateway needs the web extra: pip install -e './client[web]'")
-    from test_browser import GatewayProcess
-
     gateway = GatewayProcess(services.address, tmp_path / "gateway.log")
     try:
         messages, frames = asyncio.run(_play_one_block(gateway.url))
@@ -186,8 +184,6 @@ def test_client_refuses_more_early_frames_than_a_block_has():
 def test_gateway_refuses_more_early_frames_than_a_block_has(tmp_path):
     """The same server behind the gateway: the page gets a decoder_protocol error, and the gateway goes on."""
     pytest.importorskip("aiohttp", reason="the gateway needs the web extra: pip install -e './client[web]'")
-    from test_browser import GatewayProcess
-
     with endless_frames_server(session_pb2.FRAME_ENCODING_JPEG) as address:
         gateway = GatewayProcess(address, tmp_path / "gateway.log")
         try:

@@ -15,16 +15,14 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
 
-from service_harness import REPO, free_port, metric_value, running_services, wait_for
+from service_harness import REPO, GatewayProcess, metric_value, running_services, wait_for
 
 pytest.importorskip("aiohttp", reason="the gateway needs the web extra: pip install -e './client[web]'")
 
@@ -44,44 +42,6 @@ def skip_loudly(reason: str):
     print(line, file=sys.stderr)
     warnings.warn(line)
     pytest.skip(reason)
-
-
-class GatewayProcess:
-    """`python -m worldstream.gateway` as a child process on a free loopback port."""
-
-    def __init__(self, decoder: str, log_path: Path, args: list[str] = ()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "worldstream.gateway", "--decoder", decoder, "--port", str(self.port), *args],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        try:
-            wait_for(self.healthy, 60, "the gateway's /health to say ok")
-        except BaseException:
-            self.stop()
-            raise
-
-    def healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {self.process.returncode}:\n{self.log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=3) as response:
-                return json.load(response)["status"] == "ok"
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        return metric_value(self.port, name, labels)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 @contextlib.contextmanager
