@@ -275,9 +275,10 @@ class Session:
             prompt_switching=models.switches_prompts, video_conditioning=models.continues_videos)
         if self.space is not None:
             info.action_space.CopyFrom(action_space_message(self.space))
-        await self._send(session_pb2.SessionResponse(info=info))
+        # timed as `info` is handed to the stream: the client can hold it before the write returns
         opening["info_seconds"] = time.perf_counter() - self.received
         self._log("session opened", **{name: round(seconds, 4) for name, seconds in opening.items()})
+        await self._send(session_pb2.SessionResponse(info=info))
         if reconstruction is not None:
             self.outbox.put_nowait(reconstruction)
         await run_together(self._deliver(), self._produce(), self._read(messages), settled=self.ending)
