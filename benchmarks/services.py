@@ -162,14 +162,16 @@ def report_run(name: str, run: dict) -> dict:
     steady = slice(2, None)  # blocks >= 2
     stages = {s: spread([st.get(s, 0.0) for st in run["stages"][steady]]) for s in SERVER_STAGES}
     interval = spread(run["intervals"][1:])  # arrivals of blocks >= 2
-    late = spread(run["intervals"][IMAGE_FREE_BLOCK - 1:] or run["intervals"])
+    image_free = run["intervals"][IMAGE_FREE_BLOCK - 1:]
+    late = spread(image_free) if image_free else None  # a run shorter than that has none
     first = run["stages"][0]
     print(f"{name} | first frame {run['first_frame_s'] * 1000:.0f} ms, first block {run['first_block_s'] * 1000:.0f} "
           f"ms (info {run['info_s'] * 1000:.0f}, block 0: "
           + ", ".join(f"{s} {first.get(s, 0.0) * 1000:.0f}" for s in SERVER_STAGES) + ") | "
           + " | ".join(f"{s} {ms(stages[s])}" for s in SERVER_STAGES)
-          + f" | interval {ms(interval)}, p90/p10 {interval['p90'] / interval['p10']:.2f} (blocks >= "
-            f"{IMAGE_FREE_BLOCK}: {ms(late)}, {late['p90'] / late['p10']:.2f}) | {run['fps']:.1f} FPS")
+          + f" | interval {ms(interval)}, p90/p10 {interval['p90'] / interval['p10']:.2f}"
+          + (f" (blocks >= {IMAGE_FREE_BLOCK}: {ms(late)}, {late['p90'] / late['p10']:.2f})" if late else "")
+          + f" | {run['fps']:.1f} FPS")
     return {"stages": stages, "interval": interval, "interval_image_free": late, "fps": run["fps"],
             "first_frame_s": run["first_frame_s"], "first_block_s": run["first_block_s"]}
 
