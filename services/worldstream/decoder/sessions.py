@@ -551,11 +551,9 @@ class Session:
             self._log("first frames sent", seconds=round(seconds, 4))
 
     async def _timed_encode(self, frames: torch.Tensor) -> tuple[list[bytes], float]:
-        """`frames` encoded on the shared frame pool, and the seconds that took."""
-        started = time.perf_counter()
-        encoded = await asyncio.get_running_loop().run_in_executor(self.manager.frame_pool, self._encode_frames,
-                                                                   frames)
-        return encoded, time.perf_counter() - started
+        """`frames` encoded on the shared frame pool, and the seconds the encoding took (not its wait for a
+        worker: the pool serves every session, and a session's timings are its own work)."""
+        return await asyncio.get_running_loop().run_in_executor(self.manager.frame_pool, self._encode_frames, frames)
 
     async def _send_video_frames(self, frames: torch.Tensor) -> None:
         """A continued clip's reconstruction, in messages of a block's frames at most."""
@@ -565,10 +563,13 @@ class Session:
             await self._send(session_pb2.SessionResponse(video_frames=session_pb2.VideoFrames(
                 first_frame=first, frames=encoded, total_frames=total)))
 
-    def _encode_frames(self, frames: torch.Tensor) -> list[bytes]:
+    def _encode_frames(self, frames: torch.Tensor) -> tuple[list[bytes], float]:
+        started = time.perf_counter()
         if self.options.frame_encoding == session_pb2.FRAME_ENCODING_RAW_RGB:
-            return [frame.numpy().tobytes() for frame in frames]
-        return [encode_jpeg(frame, self.options.jpeg_quality) for frame in frames]
+            encoded = [frame.numpy().tobytes() for frame in frames]
+        else:
+            encoded = [encode_jpeg(frame, self.options.jpeg_quality) for frame in frames]
+        return encoded, time.perf_counter() - started
 
     async def release(self) -> None:
         """Free everything the session holds, however it ended (after the block in flight finishes)."""

@@ -10,6 +10,7 @@ text-to-video session may continue a video (`condition_on_video`).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -163,6 +164,12 @@ class DecoderModels:
         # CUDA graphs of the DiT call (captured by `warm_up`); on a CPU every call runs op by op.
         self.dit_graphs = (DiTGraphPool(self.dit, self.latent_shape, self.context_shape[1])
                            if self.device.type == "cuda" and cfg.cuda_graphs else None)
+        # Sessions share the device's stream. On a GPU one at a time queues its work there, so that a block's
+        # kernels stand together on it and its stage events time that session's work, not another's kernels queued
+        # in between. A CPU runs the work as it is queued: there sessions run side by side (two tiny sessions on 2
+        # cores: 9.4 FPS together side by side, 7.0 one at a time), and their stage times include each other's.
+        self.enqueuing: contextlib.AbstractContextManager = (
+            threading.Lock() if self.device.type == "cuda" else contextlib.nullcontext())
 
     @property
     def text_to_video(self) -> bool:
@@ -251,7 +258,8 @@ class DecoderModels:
             raise ValueError(f"max_blocks must be in [1, {self.max_blocks}] for this config ({self.block_limit}), "
                              f"got {max_blocks}")
         self.check_context(context)
-        return GenerationSession(self, context, seed, max_blocks, noise)
+        with self.enqueuing:  # the caches' set-up
+            return GenerationSession(self, context, seed, max_blocks, noise)
 
     def check_context(self, context: torch.Tensor) -> None:
         """ValueError unless `context` fits `context_shape` (a text context may have fewer rows)."""
@@ -330,10 +338,11 @@ class GenerationSession:
         if frames > reach:
             raise ValueError(f"{latents.shape[2]} latent frames of conditioning and {self.max_blocks} blocks make "
                              f"{frames} latent frames; a session of this config reaches {reach}")
-        self.denoiser.condition(self._to_device(latents))
-        self.denoiser.set_context(context)
-        video = self.vae.decode(latents.to(models.device, models.vae.conv2.weight.dtype))
-        return video_to_uint8(video).cpu()
+        with models.enqueuing:
+            self.denoiser.condition(self._to_device(latents))
+            self.denoiser.set_context(context)
+            video = video_to_uint8(self.vae.decode(latents.to(models.device, models.vae.conv2.weight.dtype)))
+        return video.cpu()  # (waits for the device: outside the lock, which only orders the queueing)
 
     def launch_block(self, cond_concat: torch.Tensor | None = None, action: BlockAction | None = None
                      ) -> PendingBlock:
@@ -353,7 +362,7 @@ class GenerationSession:
         b = self.block_index
         clock = StageClock(self.models.device)
         switched = self.next_context is not None and self.denoiser.frames_cached > 0
-        with record_function(f"block_{b}"):
+        with self.models.enqueuing, record_function(f"block_{b}"):
             with record_function("data_preparation"):
                 keyboard = mouse = None
                 if self.track is not None:
