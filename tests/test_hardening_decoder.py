@@ -33,6 +33,10 @@ SPACE = get_action_space("universal")
 Code = grpc.StatusCode
 SESSION_METHOD = "/worldstream.v1.WorldSessionService/Session"
 BIG = 30_000_000  # bytes of a large upload, under the 32 MiB message limit
+# What the decoder may keep after 50 rejected starts of BIG bytes: the free tops of the heaps of gRPC's receiving
+# threads, which malloc_trim leaves (serving/memory.py: up to TRIM_THRESHOLD_BYTES, 16 MiB, each; seen: -18 to
+# +38 MB over ten runs here, +37 in CI). Two kept requests would stay under it, three not; the defect it guards kept all 50.
+DECODER_RSS_SLACK_MB = 80
 MAX_SESSIONS = 4
 
 
@@ -157,13 +161,15 @@ def test_rejected_large_starts_leave_no_memory_behind(services, witness):
         for _ in range(10):
             round_of(5)
         try:
-            wait_for(lambda: rss_mb(decoder) - baseline[0] < 32, 10, "the decoder's RSS to come back", interval=0.5)
+            wait_for(lambda: rss_mb(decoder) - baseline[0] < DECODER_RSS_SLACK_MB, 10, "the decoder's RSS to come back",
+                     interval=0.5)
         except TimeoutError:
             pass  # the assertion below says by how much
         after = rss_mb(decoder), rss_mb(encoder)
         print(f"decoder RSS {baseline[0]:.0f} -> {after[0]:.0f} MB, encoder {baseline[1]:.0f} -> {after[1]:.0f} MB "
               "after 50 rejected 30 MB starts")
-        assert after[0] - baseline[0] < 32, f"the decoder grew from {baseline[0]:.0f} to {after[0]:.0f} MB"
+        assert after[0] - baseline[0] < DECODER_RSS_SLACK_MB, \
+            f"the decoder grew from {baseline[0]:.0f} to {after[0]:.0f} MB"
         assert after[1] - baseline[1] < 16, f"the encoder grew from {baseline[1]:.0f} to {after[1]:.0f} MB"
         assert metric_value(services.encoder_metrics_port, "worldstream_encoder_bytes_received_total") == encoder_bytes
     finally:
