@@ -35,7 +35,8 @@ SESSION_METHOD = "/worldstream.v1.WorldSessionService/Session"
 BIG = 30_000_000  # bytes of a large upload, under the 32 MiB message limit
 # What the decoder may keep after 50 rejected starts of BIG bytes: the free tops of the heaps of gRPC's receiving
 # threads, which malloc_trim leaves (serving/memory.py: up to TRIM_THRESHOLD_BYTES, 16 MiB, each; seen: -18 to
-# +38 MB over ten runs here, +37 in CI). Two kept requests would stay under it, three not; the defect it guards kept all 50.
+# +38 MB over ten runs here, +37 in CI). Two kept requests would stay under it, three not; the defect it guards
+# kept all 50.
 DECODER_RSS_SLACK_MB = 80
 MAX_SESSIONS = 4
 
