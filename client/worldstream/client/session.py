@@ -263,7 +263,7 @@ class SessionStream:
         if (self._early_block is not None and block_index != self._early_block) or first_frame != received:
             before = f"{received} frames of block {self._early_block}" if self._early else "no frames"
             raise RuntimeError(f"{what} of block {block_index} from frame {first_frame} came after {before}")
-        most = max(self.info.first_block_frames, self.info.block_frames)
+        most = self.layout.block_frames  # (block 0 has fewer)
         if first_frame + count > most:
             raise RuntimeError(f"{what} of block {block_index} would make it {first_frame + count} frames; a block of "
                                f"this session has at most {most}")

@@ -205,7 +205,7 @@ class LiveSession:
                 # A block's first frames come ahead of it (`block_frames`): on to the page at once
                 early = kind == "block_frames"
                 block = response.block_frames if early else response.block
-                if block.first_frame + len(block.frames) > max(info.first_block_frames, info.block_frames):
+                if block.first_frame + len(block.frames) > self.layout.block_frames:  # (block 0 has fewer)
                     # (a block's early frames wait for its action in the recording: bounded by a block)
                     raise PageError("decoder_protocol", f"the decoder sent frames {block.first_frame} to "
                                                         f"{block.first_frame + len(block.frames) - 1} of block "
